@@ -1,0 +1,1 @@
+"""geventpool: client-side high availability for Thrift services on gevent."""

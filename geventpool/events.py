@@ -1,0 +1,64 @@
+"""Structured events: the stable names operators' log queries depend on, and how they are sent.
+
+Every event geventpool emits goes through :func:`emit`, is named by one of the constants below
+and carries bound keys (``service``, ``instance``, ``path``, ...). ``docs/events.md`` lists each
+event with its level and keys. Names never change within a major version.
+
+The library never configures structlog: the application does (``structlog.configure``). The
+logger is looked up at every emit, not cached at construction, so a configuration made after a
+client was built still applies, and ``structlog.testing.capture_logs`` sees every event.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import structlog
+
+LOGGER_NAME = "geventpool"
+
+# ZooKeeper connection (one per client the library owns or watches)
+ZOOKEEPER_STATE_CHANGED = "zookeeper_state_changed"
+
+# Registrar (server side)
+INSTANCE_REGISTERED = "instance_registered"
+INSTANCE_REREGISTERED = "instance_reregistered"
+INSTANCE_DEREGISTERED = "instance_deregistered"
+REGISTRATION_NODE_REPLACED = "registration_node_replaced"
+REGISTRATION_FAILED = "registration_failed"
+
+# Membership (client side)
+MEMBERSHIP_LOADED = "membership_loaded"
+MEMBERSHIP_REFRESHED = "membership_refreshed"
+MEMBERSHIP_SUSPENDED = "membership_suspended"
+MEMBERSHIP_SESSION_LOST = "membership_session_lost"
+MEMBERSHIP_REFRESH_FAILED = "membership_refresh_failed"
+MEMBERSHIP_SUBSCRIBER_FAILED = "membership_subscriber_failed"
+INSTANCE_JOINED = "instance_joined"
+INSTANCE_LEFT = "instance_left"
+INSTANCE_UPDATED = "instance_updated"
+INSTANCE_REJECTED = "instance_rejected"
+EMPTY_PROTECTION_ENGAGED = "empty_protection_engaged"
+EMPTY_PROTECTION_CLEARED = "empty_protection_cleared"
+EMPTY_PROTECTION_EXPIRED = "empty_protection_expired"
+
+# Thrift server
+SERVER_STARTED = "server_started"
+SERVER_STOPPING = "server_stopping"
+SERVER_STOPPED = "server_stopped"
+SERVER_CONNECTION_LIMIT_REACHED = "server_connection_limit_reached"
+SERVER_HANDLER_FAILED = "server_handler_failed"
+SERVER_DRAIN_TIMEOUT = "server_drain_timeout"
+
+
+def emit(event: str, level: str = "info", **fields: Any) -> None:
+    """Log ``event`` at ``level`` (``debug``, ``info``, ``warning``, ``error``) with ``fields``.
+
+    Never raises: a broken log configuration must not break a watcher or a call.
+    """
+    try:
+        logger = structlog.get_logger(LOGGER_NAME)
+        getattr(logger, level)(event, **fields)
+    except Exception as error:  # noqa: BLE001 - logging must never take the runtime down
+        sys.stderr.write(f"geventpool: could not log {event!r}: {error!r}\n")

@@ -1,0 +1,228 @@
+"""Server side of discovery: keep one instance registered as an ephemeral znode.
+
+The node is ``<root>/<service>/<host>:<port>`` (or a name you choose) holding the native JSON
+payload (:func:`geventpool.payloads.encode_instance`). Its name is fixed, never sequential, so
+re-registering is idempotent and can never leave a duplicate behind.
+
+The registrar keeps the node alive on its own:
+
+* across a lost connection (SUSPENDED, then CONNECTED): the session survived, the node is
+  checked and left as it is;
+* after a session expiry (LOST): the node died with the session and is re-created;
+* when a node of that name is owned by another session (left over from an expired session of
+  ours, or a misconfigured twin), it is deleted and re-created, as Curator does, and
+  ``registration_node_replaced`` says whose it was;
+* when the node is deleted or changed by someone else, it is put back.
+
+:meth:`Registrar.stop` deletes the node (only if it is ours); a server calls it **before** it
+stops accepting, so clients stop choosing it while it still answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import gevent
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import (
+    KazooException,
+    NoAuthError,
+    NoChildrenForEphemeralsError,
+    NodeExistsError,
+    NoNodeError,
+)
+from kazoo.protocol.states import WatchedEvent
+
+from geventpool import events
+from geventpool.errors import RegistrationError, ZooKeeperUnavailableError
+from geventpool.instance import Instance
+from geventpool.payloads import encode_instance
+from geventpool.reconcile import CONNECTION_ERRORS, ReconcileLoop
+from geventpool.zk import DEFAULT_ROOT, service_path
+
+
+def describe_hosts(client: KazooClient) -> str:
+    """The connect string of ``client``, for messages (``host:port,...`` plus chroot)."""
+    hosts = ",".join(f"{host}:{port}" for host, port in client.hosts)
+    return hosts + (client.chroot or "")
+
+
+class Registrar:
+    """Registers ``instance`` under ``<root>/<service>`` on ``client`` and keeps it there.
+
+    ``client`` is a kazoo client on the gevent handler (see :func:`geventpool.zk.connect`); the
+    registrar uses it but never starts or stops it. ``node_name`` defaults to
+    ``str(instance)`` (``host:port``).
+    """
+
+    def __init__(
+        self,
+        client: KazooClient,
+        service: str,
+        instance: Instance,
+        *,
+        root: str = DEFAULT_ROOT,
+        node_name: str | None = None,
+    ) -> None:
+        name = node_name if node_name is not None else str(instance)
+        if not name or "/" in name or name in (".", ".."):
+            raise RegistrationError(name, "node name must be a non-empty znode name")
+        self._client = client
+        self._service = service
+        self._instance = instance
+        self._path = f"{service_path(service, root)}/{name}"
+        self._payload = b""
+        self._lost = False
+        self._started = False
+        self._loop = ReconcileLoop(
+            self._ensure,
+            is_connected=lambda: bool(self._client.connected),
+            on_error=self._on_error,
+        )
+
+    @property
+    def path(self) -> str:
+        """The full path of the registration node."""
+        return self._path
+
+    @property
+    def instance(self) -> Instance:
+        """The instance as registered (with ``registered_at`` set once started)."""
+        return self._instance
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Create the node, waiting at most ``timeout`` seconds for ZooKeeper.
+
+        Raises :class:`ZooKeeperUnavailableError` if ZooKeeper does not answer in time and
+        :class:`RegistrationError` if the node cannot be created (no permission, parent is
+        ephemeral, ...). On return the node exists and is owned by this client's session.
+        """
+        if self._started:
+            return
+        self._instance = dataclasses.replace(self._instance, registered_at=time.time())
+        self._payload = encode_instance(self._instance)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._client.connected and self._ensure():
+                    break
+            except NoAuthError:
+                raise RegistrationError(self._path, "no permission (ZooKeeper ACL)") from None
+            except NoChildrenForEphemeralsError:
+                raise RegistrationError(self._path, "a parent node is ephemeral") from None
+            except CONNECTION_ERRORS:
+                pass
+            except KazooException as error:
+                raise RegistrationError(self._path, f"{type(error).__name__}: {error}") from None
+            if time.monotonic() >= deadline:
+                raise ZooKeeperUnavailableError(
+                    describe_hosts(self._client), timeout, f"registering {self._path}"
+                )
+            gevent.sleep(0.05)
+        self._started = True
+        self._client.add_listener(self._on_state)
+        self._loop.start()
+        events.emit(
+            events.INSTANCE_REGISTERED,
+            service=self._service,
+            instance=str(self._instance),
+            path=self._path,
+        )
+
+    def stop(self) -> None:
+        """Delete the node if this session owns it, and stop maintaining it. Idempotent.
+
+        Errors talking to ZooKeeper are logged, not raised: the ephemeral node dies with the
+        session anyway.
+        """
+        if not self._started:
+            return
+        self._started = False
+        self._client.remove_listener(self._on_state)
+        self._loop.stop()
+        try:
+            _, stat = self._client.get(self._path)
+            if stat.ephemeralOwner == self._session_id():
+                self._client.delete(self._path, version=stat.version)
+        except NoNodeError:
+            pass
+        except (KazooException, *CONNECTION_ERRORS) as error:
+            events.emit(
+                events.REGISTRATION_FAILED,
+                "warning",
+                service=self._service,
+                path=self._path,
+                error=repr(error),
+                during="deregister",
+            )
+        events.emit(
+            events.INSTANCE_DEREGISTERED,
+            service=self._service,
+            instance=str(self._instance),
+            path=self._path,
+        )
+
+    def _session_id(self) -> int | None:
+        client_id = self._client.client_id
+        return client_id[0] if client_id else None
+
+    def _ensure(self) -> bool:
+        """Make the node exist, hold our payload and belong to our session (idempotent).
+
+        Returns whether it does now; False means "look again" (not connected, or a race).
+        """
+        if not self._client.connected:
+            return False
+        session_id = self._session_id()
+        try:
+            data, stat = self._client.get(self._path, watch=self._on_node_event)
+        except NoNodeError:
+            pass
+        else:
+            if stat.ephemeralOwner == session_id:
+                if data != self._payload:
+                    self._client.set(self._path, self._payload, version=stat.version)
+                return True
+            self._client.delete(self._path, version=stat.version)
+            events.emit(
+                events.REGISTRATION_NODE_REPLACED,
+                "warning",
+                service=self._service,
+                path=self._path,
+                previous_owner=hex(stat.ephemeralOwner),
+            )
+        try:
+            self._client.create(self._path, self._payload, ephemeral=True, makepath=True)
+        except NodeExistsError:
+            self._loop.poke()  # someone raced us: look again
+            return False
+        self._client.exists(self._path, watch=self._on_node_event)
+        if self._lost:
+            self._lost = False
+            events.emit(
+                events.INSTANCE_REREGISTERED,
+                service=self._service,
+                instance=str(self._instance),
+                path=self._path,
+            )
+        return True
+
+    def _on_state(self, state: str) -> None:
+        if state == KazooState.LOST:
+            self._lost = True
+        elif state == KazooState.CONNECTED:
+            self._loop.poke()
+
+    def _on_node_event(self, event: WatchedEvent) -> None:
+        self._loop.poke()
+
+    def _on_error(self, error: Exception) -> None:
+        events.emit(
+            events.REGISTRATION_FAILED,
+            "error",
+            service=self._service,
+            path=self._path,
+            error=repr(error),
+        )
+

@@ -1,0 +1,349 @@
+"""A gevent Thrift server for a thriftpy2 service, registered in ZooKeeper while it serves.
+
+:class:`ThriftServer` promises:
+
+* **Bounded connections.** At most ``max_connections`` are served at once; further clients
+  wait in the listen backlog until one closes (``server_connection_limit_reached`` is logged).
+* **A chosen idle timeout.** A connection with no request for ``idle_timeout`` seconds is
+  closed (``None``: never). thriftpy2's own threaded server silently drops idle connections
+  after 3 s; keep this longer than the client pool's idle timeout so that clients, which can
+  tell, close idle connections first.
+* **No hung callers.** A handler exception not declared in the IDL is logged
+  (``server_handler_failed``) and answered with a ``TApplicationException(INTERNAL_ERROR)``;
+  the connection stays usable. Declared exceptions reach the caller as declared.
+* **Registration only while serving.** It registers (see :class:`Registration`) once it
+  accepts, and on stop deregisters first.
+* **Graceful stop** (:meth:`ThriftServer.stop`, or SIGTERM/SIGINT under
+  :meth:`ThriftServer.serve_forever`): deregister, wait ``deregister_grace`` seconds for
+  clients to notice, stop accepting, close idle connections, let calls in progress finish and
+  send their replies for up to ``drain_timeout`` seconds, then close what is left.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.pool
+from gevent.server import StreamServer
+from kazoo.client import KazooClient
+from thriftpy2.protocol import TCompactProtocolFactory, TCyBinaryProtocolFactory
+from thriftpy2.thrift import TApplicationException, TException, TProcessor
+from thriftpy2.transport import TCyBufferedTransportFactory, TCyFramedTransportFactory, TSocket
+
+from geventpool import events
+from geventpool.errors import ConfigurationError
+from geventpool.instance import PROTOCOLS, TRANSPORTS, Instance
+from geventpool.registrar import Registrar
+from geventpool.zk import DEFAULT_ROOT, ZooKeeperConfig, connect
+
+_UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def transport_factory(transport: str) -> Any:
+    """The (Cython) thriftpy2 transport factory for ``buffered`` or ``framed``."""
+    if transport not in TRANSPORTS:
+        raise ConfigurationError(f"transport must be one of {sorted(TRANSPORTS)}")
+    return TCyFramedTransportFactory() if transport == "framed" else TCyBufferedTransportFactory()
+
+
+def protocol_factory(protocol: str) -> Any:
+    """The thriftpy2 protocol factory for ``binary`` (Cython) or ``compact``."""
+    if protocol not in PROTOCOLS:
+        raise ConfigurationError(f"protocol must be one of {sorted(PROTOCOLS)}")
+    return TCompactProtocolFactory() if protocol == "compact" else TCyBinaryProtocolFactory()
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where and how a :class:`ThriftServer` registers itself.
+
+    ``zookeeper`` is a connect string, a :class:`~geventpool.zk.ZooKeeperConfig` (the server
+    opens and closes its own client) or a started kazoo client (used, never stopped).
+    ``advertise_host`` is the address clients connect to; it defaults to the bound host, and
+    must be given when the server binds to all interfaces. ``start_timeout`` bounds the wait
+    for ZooKeeper at start, in seconds.
+    """
+
+    zookeeper: str | ZooKeeperConfig | KazooClient
+    service: str
+    root: str = DEFAULT_ROOT
+    advertise_host: str | None = None
+    weight: float = 1.0
+    zone: str | None = None
+    version: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    start_timeout: float = 10.0
+
+
+@dataclass
+class ServerStats:
+    """Counters of a server: ``connections`` open now, ``accepted`` and ``calls`` since start,
+    ``handler_errors`` (undeclared exceptions), ``killed`` (calls cut by the drain timeout)."""
+
+    connections: int = 0
+    accepted: int = 0
+    calls: int = 0
+    handler_errors: int = 0
+    killed: int = 0
+
+
+class _Connection:
+    __slots__ = ("sock", "busy")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.busy = False
+
+    def stop_reading(self) -> None:
+        """Make a pending or next read see end-of-file; replies can still be written."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+
+class _Processor(TProcessor):
+    """thriftpy2's processor, plus: undeclared exceptions become INTERNAL_ERROR replies."""
+
+    def __init__(self, service: Any, handler: object, server: ThriftServer) -> None:
+        super().__init__(service, handler)
+        self._server = server
+
+    def process_call(self, iprot: Any, oprot: Any, connection: _Connection) -> None:
+        api, seqid, result, call = self.process_in(iprot)
+        connection.busy = True
+        try:
+            if isinstance(result, TApplicationException):
+                self.send_exception(oprot, api, result, seqid)
+                return
+            assert call is not None
+            try:
+                result.success = call()
+            except TApplicationException as error:
+                self.send_exception(oprot, api, error, seqid)
+                return
+            except Exception as error:  # noqa: BLE001 - answered, not raised
+                if not self.handle_exception(error, result):
+                    self._server._handler_failed(api, error)
+                    failure = TApplicationException(
+                        TApplicationException.INTERNAL_ERROR,
+                        f"{type(error).__name__} in {api}",
+                    )
+                    self.send_exception(oprot, api, failure, seqid)
+                    return
+            if not result.oneway:
+                self.send_result(oprot, api, result, seqid)
+        finally:
+            connection.busy = False
+
+
+class ThriftServer:
+    """Serves ``handler`` for the thriftpy2 ``service`` on ``host:port`` (port 0: any free one).
+
+    Durations are float seconds. ``transport`` and ``protocol`` must match the clients'.
+    """
+
+    def __init__(
+        self,
+        service: Any,
+        handler: object,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_connections: int = 1000,
+        idle_timeout: float | None = 900.0,
+        drain_timeout: float = 10.0,
+        deregister_grace: float = 0.5,
+        transport: str = "buffered",
+        protocol: str = "binary",
+        registration: Registration | None = None,
+    ) -> None:
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
+        if idle_timeout is not None and idle_timeout <= 0:
+            raise ConfigurationError("idle_timeout must be positive seconds, or None")
+        if drain_timeout < 0 or deregister_grace < 0:
+            raise ConfigurationError("drain_timeout and deregister_grace must be >= 0")
+        if (
+            registration is not None
+            and registration.advertise_host is None
+            and host in _UNSPECIFIED_HOSTS
+        ):
+            raise ConfigurationError(
+                f"server binds to {host!r}: set Registration.advertise_host to the address"
+                " clients should connect to"
+            )
+        self._service = service
+        self._host = host
+        self._port = port
+        self._idle_timeout = idle_timeout
+        self._drain_timeout = drain_timeout
+        self._deregister_grace = deregister_grace
+        self._transport = transport
+        self._protocol = protocol
+        self._transport_factory = transport_factory(transport)
+        self._protocol_factory = protocol_factory(protocol)
+        self._processor = _Processor(service, handler, self)
+        self._registration = registration
+        self._pool = gevent.pool.Pool(max_connections)
+        self._connections: set[_Connection] = set()
+        self._stream: StreamServer | None = None
+        self._registrar: Registrar | None = None
+        self._owned_client: KazooClient | None = None
+        self._draining = False
+        self._stopping = False
+        self._stopped = gevent.event.Event()
+        self.stats = ServerStats()
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (known once started)."""
+        return self._stream.server_port if self._stream is not None else self._port
+
+    @property
+    def registrar(self) -> Registrar | None:
+        """The registrar, once started with a :class:`Registration`."""
+        return self._registrar
+
+    def start(self) -> None:
+        """Bind, start accepting, then register. Raises ``OSError`` if the port is taken,
+        and the registrar's errors if registration fails (the server is stopped again)."""
+        self._stream = StreamServer((self._host, self._port), self._handle, spawn=self._pool)
+        self._stream.start()
+        try:
+            if self._registration is not None:
+                self._register(self._registration)
+        except BaseException:
+            self._stream.close()
+            self._close_client()
+            raise
+        events.emit(
+            events.SERVER_STARTED,
+            service=self._registration.service if self._registration else None,
+            host=self._host,
+            port=self.port,
+            transport=self._transport,
+            protocol=self._protocol,
+        )
+
+    def _register(self, registration: Registration) -> None:
+        zookeeper = registration.zookeeper
+        if isinstance(zookeeper, KazooClient):
+            client = zookeeper
+        else:
+            config = zookeeper if isinstance(zookeeper, ZooKeeperConfig) else ZooKeeperConfig(
+                zookeeper, connect_timeout=registration.start_timeout
+            )
+            client = self._owned_client = connect(config)
+        instance = Instance(
+            host=registration.advertise_host or self._host,
+            port=self.port,
+            weight=registration.weight,
+            zone=registration.zone,
+            transport=self._transport,
+            protocol=self._protocol,
+            version=registration.version,
+            metadata=registration.metadata,
+        )
+        self._registrar = Registrar(client, registration.service, instance, root=registration.root)
+        self._registrar.start(timeout=registration.start_timeout)
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and serve until :meth:`stop`, SIGTERM or SIGINT; then return."""
+        if self._stream is None:
+            self.start()
+        handlers = [
+            gevent.signal_handler(signum, self.stop)  # runs in a new greenlet
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        ]
+        try:
+            self._stopped.wait()
+        finally:
+            for handler in handlers:
+                handler.cancel()
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Deregister, stop accepting, drain, close. Idempotent; a second caller waits."""
+        if self._stopping:
+            self._stopped.wait()
+            return
+        self._stopping = True
+        drain_timeout = self._drain_timeout if drain_timeout is None else drain_timeout
+        events.emit(events.SERVER_STOPPING, port=self.port, connections=len(self._connections))
+        if self._registrar is not None:
+            self._registrar.stop()
+            gevent.sleep(self._deregister_grace)
+        if self._stream is not None:
+            self._stream.close()
+        self._draining = True
+        for connection in list(self._connections):
+            if not connection.busy:
+                connection.stop_reading()
+        if not self._pool.join(timeout=drain_timeout):
+            self.stats.killed = sum(1 for c in self._connections if c.busy)
+            events.emit(
+                events.SERVER_DRAIN_TIMEOUT,
+                "warning",
+                port=self.port,
+                timeout=drain_timeout,
+                killed=self.stats.killed,
+            )
+            self._pool.kill(block=True, timeout=1.0)
+        self._close_client()
+        events.emit(events.SERVER_STOPPED, port=self.port, calls=self.stats.calls)
+        self._stopped.set()
+
+    def _close_client(self) -> None:
+        client, self._owned_client = self._owned_client, None
+        if client is not None:
+            client.stop()
+            client.close()
+
+    def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        connection = _Connection(sock)
+        self._connections.add(connection)
+        self.stats.accepted += 1
+        self.stats.connections = len(self._connections)
+        if self._pool.full():
+            events.emit(
+                events.SERVER_CONNECTION_LIMIT_REACHED,
+                "warning",
+                port=self.port,
+                max_connections=self._pool.size,
+            )
+        try:
+            sock.settimeout(self._idle_timeout)
+            tsocket = TSocket(sock=sock)
+            iprot = self._protocol_factory.get_protocol(
+                self._transport_factory.get_transport(tsocket)
+            )
+            oprot = self._protocol_factory.get_protocol(
+                self._transport_factory.get_transport(tsocket)
+            )
+            while not self._draining:
+                self._processor.process_call(iprot, oprot, connection)
+                self.stats.calls += 1
+        except (TException, OSError, EOFError):
+            pass  # peer closed, idle timeout, drain, or garbage on the wire: drop it
+        finally:
+            self._connections.discard(connection)
+            self.stats.connections = len(self._connections)
+            sock.close()
+
+    def _handler_failed(self, api: str, error: Exception) -> None:
+        self.stats.handler_errors += 1
+        events.emit(
+            events.SERVER_HANDLER_FAILED,
+            "error",
+            port=self.port,
+            method=api,
+            error=repr(error),
+            exc_info=error,
+        )

@@ -1,0 +1,19 @@
+// The service geventpool's tests, demo and load tests run against.
+
+exception Refused {
+  1: string reason
+}
+
+service Echo {
+  // Returns msg unchanged.
+  string echo(1: string msg),
+  // Returns msg after sleeping `seconds` (cooperatively).
+  string slow_echo(1: string msg, 2: double seconds),
+  i64 add(1: i64 a, 2: i64 b),
+  // "host:port" of the instance that answered.
+  string whoami(),
+  // Raises the declared exception.
+  void refuse(1: string reason) throws (1: Refused err),
+  // Raises an exception the IDL does not declare.
+  void crash(1: string message),
+}

@@ -1,0 +1,108 @@
+"""Real faults for tests: expire a session on the server, cut or black-hole a connection.
+
+* :func:`expire_session` makes the ZooKeeper server itself end a client's session: a second
+  client attaches to the same session id and closes it, so the server deletes the session's
+  ephemeral nodes and the first client sees SESSION_EXPIRED (LOST) when it reconnects.
+* :class:`TcpProxy` sits between a client and a server on 127.0.0.1; :meth:`TcpProxy.drop`
+  closes every connection through it (the client sees a lost connection, SUSPENDED, and
+  reconnects), :meth:`TcpProxy.blackhole` keeps new and existing connections open but silent.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import gevent
+from gevent.server import StreamServer
+from kazoo.client import KazooClient
+
+from geventpool.zk import make_client
+
+
+def expire_session(client: KazooClient, hosts: str, timeout: float = 10.0) -> None:
+    """End ``client``'s session on the server at ``hosts`` (a connect string, no chroot)."""
+    assert client.client_id is not None, "the client has no session"
+    twin = make_client(hosts, client_id=client.client_id)
+    twin.start_async().wait(timeout)
+    if not twin.connected:
+        raise TimeoutError(f"could not attach to session {client.client_id[0]:#x}")
+    twin.stop()
+    twin.close()
+
+
+class TcpProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target`` until told to fail."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self._target = target
+        self._sockets: set[socket.socket] = set()
+        self._silent = False
+        self._server = StreamServer(("127.0.0.1", 0), self._handle)
+
+    @property
+    def port(self) -> int:
+        """The port clients connect to."""
+        return int(self._server.server_port)
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>``."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start accepting."""
+        self._server.start()
+
+    def stop(self) -> None:
+        """Stop accepting and close every connection."""
+        self._server.close()
+        self.drop()
+
+    def drop(self) -> None:
+        """Cut every connection through the proxy now; new ones are accepted."""
+        for sock in list(self._sockets):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def blackhole(self) -> None:
+        """From now on accept connections but forward nothing either way."""
+        self._silent = True
+
+    def restore(self) -> None:
+        """Forward again (connections that were silent are dropped, as a network would)."""
+        self._silent = False
+        self.drop()
+
+    def _handle(self, downstream: socket.socket, _address: object) -> None:
+        # gevent closes ``downstream`` when this returns: pump until either side ends.
+        try:
+            upstream = socket.create_connection(self._target, timeout=5)
+        except OSError:
+            return
+        upstream.settimeout(None)
+        pair = (downstream, upstream)
+        self._sockets.update(pair)
+        back = gevent.spawn(self._pump, upstream, downstream)
+        try:
+            self._pump(downstream, upstream)
+            back.join()
+        finally:
+            back.kill(block=False)
+            self._sockets.difference_update(pair)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                while self._silent:
+                    gevent.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

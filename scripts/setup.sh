@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up everything geventpool needs on a fresh Debian machine with Python 3.11:
+# ZooKeeper (scripts/install-zookeeper.sh) and a virtualenv in .venv with the package
+# installed in editable mode with its test and load-test extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-zookeeper.sh
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat setup.py | sha1sum | cut -c1-12)
+if [[ ! -f $stamp ]]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test,load]'
+  rm -f .venv/.installed-* && touch "$stamp"
+fi

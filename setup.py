@@ -1,0 +1,36 @@
+"""Packaging for geventpool; tool settings live in pyproject.toml."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="geventpool",
+    version="0.1.0",
+    description="Client-side high availability for Thrift services on gevent: "
+    "ZooKeeper discovery, a bounded connection pool, failover and alerting.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["geventpool", "geventpool.*"]),
+    package_data={"geventpool.testing": ["*.thrift"], "geventpool": ["py.typed"]},
+    install_requires=[
+        "gevent>=24.2",
+        "kazoo>=2.10,<3",
+        "thriftpy2>=0.5,<0.8",
+        "structlog>=24.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "mypy>=1.10",
+            "ruff>=0.5",
+        ],
+        "load": ["locust>=2.30"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Framework :: gevent",
+        "Typing :: Typed",
+    ],
+)
