@@ -1,5 +1,7 @@
 """Packaging for geventpool; tool settings live in pyproject.toml."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
@@ -7,7 +9,7 @@ setup(
     version="0.1.0",
     description="Client-side high availability for Thrift services on gevent: "
     "ZooKeeper discovery, a bounded connection pool, failover and alerting.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["geventpool", "geventpool.*"]),
@@ -21,7 +23,6 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
-            "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "mypy>=1.10",
             "ruff>=0.5",

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+
 import gevent
 import gevent.event
 from kazoo.client import KazooClient, KazooState

@@ -93,9 +93,7 @@ def _load_json(data: bytes | None, max_size: int) -> Mapping[str, Any]:
     except UnicodeDecodeError as error:
         raise InvalidInstanceError(f"payload is not UTF-8: {error.reason}") from None
     try:
-        document = json.loads(
-            text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant
-        )
+        document = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:
         raise InvalidInstanceError(f"payload is not strict JSON: {error}") from None
     if not isinstance(document, dict):
@@ -143,7 +141,7 @@ def _native(document: Mapping[str, Any], node: str) -> Instance:
 
 
 def _curator(document: Mapping[str, Any], node: str) -> Instance:
-    port = document.get("port")
+    port: Any = document.get("port")  # checked by Instance
     metadata: dict[str, str] = {}
     if port is None and document.get("sslPort") is not None:
         port = document["sslPort"]
@@ -158,7 +156,7 @@ def _curator(document: Mapping[str, Any], node: str) -> Instance:
         registered_at = registered_ms / 1000.0
     return Instance(
         host=document["address"],
-        port=port,  # validated by Instance
+        port=port,
         registered_at=registered_at,
         metadata=metadata,
         id=node,

@@ -225,4 +225,3 @@ class Registrar:
             path=self._path,
             error=repr(error),
         )
-

@@ -21,9 +21,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -95,7 +96,7 @@ class ServerStats:
 
 
 class _Connection:
-    __slots__ = ("sock", "busy")
+    __slots__ = ("busy", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -103,18 +104,18 @@ class _Connection:
 
     def stop_reading(self) -> None:
         """Make a pending or next read see end-of-file; replies can still be written."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
-            pass
 
 
 class _Processor(TProcessor):
     """thriftpy2's processor, plus: undeclared exceptions become INTERNAL_ERROR replies."""
 
-    def __init__(self, service: Any, handler: object, server: ThriftServer) -> None:
+    def __init__(
+        self, service: Any, handler: object, on_failure: Callable[[str, Exception], None]
+    ) -> None:
         super().__init__(service, handler)
-        self._server = server
+        self._on_failure = on_failure
 
     def process_call(self, iprot: Any, oprot: Any, connection: _Connection) -> None:
         api, seqid, result, call = self.process_in(iprot)
@@ -131,7 +132,7 @@ class _Processor(TProcessor):
                 return
             except Exception as error:  # noqa: BLE001 - answered, not raised
                 if not self.handle_exception(error, result):
-                    self._server._handler_failed(api, error)
+                    self._on_failure(api, error)
                     failure = TApplicationException(
                         TApplicationException.INTERNAL_ERROR,
                         f"{type(error).__name__} in {api}",
@@ -190,7 +191,7 @@ class ThriftServer:
         self._protocol = protocol
         self._transport_factory = transport_factory(transport)
         self._protocol_factory = protocol_factory(protocol)
-        self._processor = _Processor(service, handler, self)
+        self._processor = _Processor(service, handler, self._handler_failed)
         self._registration = registration
         self._pool = gevent.pool.Pool(max_connections)
         self._connections: set[_Connection] = set()
@@ -238,8 +239,10 @@ class ThriftServer:
         if isinstance(zookeeper, KazooClient):
             client = zookeeper
         else:
-            config = zookeeper if isinstance(zookeeper, ZooKeeperConfig) else ZooKeeperConfig(
-                zookeeper, connect_timeout=registration.start_timeout
+            config = (
+                zookeeper
+                if isinstance(zookeeper, ZooKeeperConfig)
+                else ZooKeeperConfig(zookeeper, connect_timeout=registration.start_timeout)
             )
             client = self._owned_client = connect(config)
         instance = Instance(

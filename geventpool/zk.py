@@ -49,7 +49,9 @@ class ZooKeeperConfig:
         for name in ("session_timeout", "connect_timeout", "max_retry_delay"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
+                raise ConfigurationError(
+                    f"{name} must be a positive number of seconds, not {value!r}"
+                )
 
 
 def make_client(

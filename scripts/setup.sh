@@ -11,7 +11,10 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=.venv/.installed-$(cat setup.py | sha1sum | cut -c1-12)
 if [[ ! -f $stamp ]]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,load]'
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e '.[test,load]'; } >.venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    exit 1
+  fi
   rm -f .venv/.installed-* && touch "$stamp"
 fi

@@ -18,22 +18,22 @@ from gevent import monkey
 if not monkey.is_module_patched("socket"):
     monkey.patch_all()
 
-import faulthandler  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Generator, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import faulthandler
+import re
+import sys
+import uuid
+from collections.abc import Callable, Generator, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
 
-import gevent  # noqa: E402
-import pytest  # noqa: E402
-import structlog  # noqa: E402
-from kazoo.client import KazooClient  # noqa: E402
+import gevent
+import pytest
+import structlog
+from kazoo.client import KazooClient
 
-from geventpool.testing.processes import ServerProcess  # noqa: E402
-from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer  # noqa: E402
-from geventpool.zk import ZooKeeperConfig, connect  # noqa: E402
+from geventpool.testing.processes import ServerProcess
+from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer
+from geventpool.zk import ZooKeeperConfig, connect
 
 DEFAULT_TEST_TIMEOUT = 60.0
 LOGS = pytest.StashKey[list[Path]]()
@@ -209,8 +209,7 @@ def servers(
 
 
 @pytest.fixture
-def captured() -> Generator[list[dict[str, Any]], None, None]:
+def captured() -> Generator[list[MutableMapping[str, Any]], None, None]:
     """Every structlog event emitted during the test, as dicts (structlog's capture_logs)."""
     with structlog.testing.capture_logs() as logs:
         yield logs
-

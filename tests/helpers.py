@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import gevent
@@ -12,7 +12,7 @@ from geventpool.instance import Instance
 from geventpool.payloads import encode_instance
 
 
-def events_named(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events_named(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     """The captured structlog events called ``name``."""
     return [entry for entry in logs if entry["event"] == name]
 

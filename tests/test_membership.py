@@ -4,7 +4,7 @@ loses its cache to an outage, and never lets one bad child or one bad subscriber
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import gevent
@@ -83,7 +83,7 @@ def test_sees_a_new_instance_promptly_and_a_cleanly_stopped_one_at_once(
     zk_hosts: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     register(9000)
     membership = watch(zk_hosts)
@@ -136,7 +136,7 @@ def test_malformed_children_are_rejected_while_valid_siblings_stay_and_changes_s
     zk_hosts: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     register(9001)
     bad = {
@@ -154,9 +154,9 @@ def test_malformed_children_are_rejected_while_valid_siblings_stay_and_changes_s
     assert ports(membership.instances) == {9001}
     assert set(membership.rejected) == set(bad)
     assert membership.stats.rejected == len(bad)
-    assert {e["path"].rsplit("/", 1)[1] for e in events_named(captured, "instance_rejected")} == set(
-        bad
-    )
+    assert {
+        e["path"].rsplit("/", 1)[1] for e in events_named(captured, "instance_rejected")
+    } == set(bad)
     register(9002)  # the watch is alive
     zk.create(f"{PATH}/late-bad", b"[]")
     assert membership.wait_for(lambda view: ports(view) == {9001, 9002}, 5)
@@ -179,7 +179,9 @@ def test_curator_and_finagle_fleets_are_read_as_instances(
     assert (cur.host, cur.port, cur.source, cur.id) == ("10.0.0.5", 8005, "curator", "6d4e")
     [fin] = from_finagle.instances.values()
     assert (fin.host, fin.port, fin.source) == ("10.0.0.3", 9090, "finagle")
-    assert from_finagle.rejected == {"member_0000000043": "ServerSet member status is 'DEAD', not 'ALIVE'"}
+    assert from_finagle.rejected == {
+        "member_0000000043": "ServerSet member status is 'DEAD', not 'ALIVE'"
+    }
 
 
 def test_a_service_path_created_later_is_picked_up(
@@ -195,7 +197,7 @@ def test_a_failing_subscriber_is_logged_and_the_watch_goes_on(
     zk_hosts: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     membership = watch(zk_hosts)
 
@@ -217,7 +219,7 @@ def test_the_cache_serves_through_a_lost_connection_and_catches_up_after_it(
     chroot: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     register(9001)
     proxy = TcpProxy(("127.0.0.1", zookeeper.client_port))
@@ -240,7 +242,7 @@ def test_after_a_real_session_expiry_the_view_is_reread_and_kept_current(
     chroot: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     register(9001)
     membership = watch(zookeeper.hosts + chroot)
@@ -259,7 +261,7 @@ def test_empty_protection_keeps_the_last_view_for_a_bounded_time_when_all_childr
     zk: KazooClient,
     zk_hosts: str,
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     for port in (9001, 9002):
         zk.create(f"{PATH}/127.0.0.1:{port}", native(port=port), makepath=True)
@@ -283,7 +285,7 @@ def test_empty_protection_clears_when_instances_come_back(
     zk_hosts: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     registrar = register(9001)
     membership = watch(zk_hosts, empty_protection=30.0)

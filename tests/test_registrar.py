@@ -4,7 +4,7 @@ lost connections, session expiry, foreign owners and deletion by others."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import gevent
@@ -31,7 +31,7 @@ def owner(client: KazooClient, path: str) -> int | None:
 
 
 def test_registers_an_ephemeral_node_with_the_native_payload(
-    zk: KazooClient, captured: list[dict[str, Any]]
+    zk: KazooClient, captured: list[MutableMapping[str, Any]]
 ) -> None:
     registrar = Registrar(zk, "echo", INSTANCE)
     before = time.time()
@@ -85,7 +85,7 @@ def test_node_is_recreated_by_the_new_session_after_a_real_session_expiry(
     zookeeper: ZooKeeperServer,
     chroot: str,
     clients: Callable[..., KazooClient],
-    captured: list[dict[str, Any]],
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     client = clients(zookeeper.hosts + chroot)
     observer = clients(zookeeper.hosts + chroot)
@@ -105,7 +105,7 @@ def test_node_is_recreated_by_the_new_session_after_a_real_session_expiry(
 
 
 def test_a_node_left_by_another_session_is_replaced(
-    zk_hosts: str, clients: Callable[..., KazooClient], captured: list[dict[str, Any]]
+    zk_hosts: str, clients: Callable[..., KazooClient], captured: list[MutableMapping[str, Any]]
 ) -> None:
     stale = clients(zk_hosts)
     stale.create("/geventpool/echo/127.0.0.1:9090", b"{}", ephemeral=True, makepath=True)
@@ -175,4 +175,4 @@ def test_registering_while_zookeeper_is_silent_raises_within_the_bound(
 
 def test_invalid_node_name_is_refused() -> None:
     with pytest.raises(RegistrationError):
-        Registrar(None, "echo", INSTANCE, node_name="a/b")  # type: ignore[arg-type]
+        Registrar(None, "echo", INSTANCE, node_name="a/b")

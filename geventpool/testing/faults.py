@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import gevent
@@ -60,11 +61,7 @@ class TcpProxy:
 
     def drop(self) -> None:
         """Cut every connection through the proxy now; new ones are accepted."""
-        for sock in list(self._sockets):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _cut(*self._sockets)
 
     def blackhole(self) -> None:
         """From now on accept connections but forward nothing either way."""
@@ -101,8 +98,11 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _cut(source, sink)
+
+
+def _cut(*sockets: socket.socket) -> None:
+    """Shut both directions of ``sockets``: blocked readers wake, peers see end-of-file."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

@@ -322,4 +322,3 @@ class ZooKeeperEnsemble:
         for member in self.members:
             if member.running:
                 member.wait_ready(max(0.1, deadline - time.monotonic()))
-
