@@ -31,6 +31,7 @@ import pytest
 import structlog
 from kazoo.client import KazooClient
 
+from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer
 from geventpool.zk import ZooKeeperConfig, connect
@@ -124,9 +125,17 @@ def ensemble(
     heal()
 
 
-def _chroot_name(request: pytest.FixtureRequest) -> str:
+def _new_chroot(request: pytest.FixtureRequest, hosts: str) -> str:
+    """Create ``/tests/<test name>-<random>`` on ``hosts`` and return its path."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:80]
-    return f"/tests/{name}-{uuid.uuid4().hex[:8]}"
+    path = f"/tests/{name}-{uuid.uuid4().hex[:8]}"
+    admin = connect(hosts)
+    try:
+        admin.ensure_path(path)
+    finally:
+        admin.stop()
+        admin.close()
+    return path
 
 
 @pytest.fixture
@@ -148,33 +157,28 @@ def clients() -> Iterator[Callable[..., KazooClient]]:
 @pytest.fixture
 def chroot(request: pytest.FixtureRequest, zookeeper: ZooKeeperServer) -> str:
     """A fresh, empty chroot path for this test on the standalone server."""
-    path = _chroot_name(request)
-    admin = connect(zookeeper.hosts)
-    try:
-        admin.ensure_path(path)
-    finally:
-        admin.stop()
-        admin.close()
-    return path
+    return _new_chroot(request, zookeeper.hosts)
 
 
 @pytest.fixture
 def ensemble_hosts(request: pytest.FixtureRequest, ensemble: ZooKeeperEnsemble) -> str:
     """The ensemble's connect string, chrooted to a fresh path of this test's own."""
-    path = _chroot_name(request)
-    admin = connect(ensemble.hosts)
-    try:
-        admin.ensure_path(path)
-    finally:
-        admin.stop()
-        admin.close()
-    return f"{ensemble.hosts}{path}"
+    return ensemble.hosts + _new_chroot(request, ensemble.hosts)
 
 
 @pytest.fixture
 def zk_hosts(zookeeper: ZooKeeperServer, chroot: str) -> str:
     """The connect string of the standalone server, chrooted to this test's own path."""
     return f"{zookeeper.hosts}{chroot}"
+
+
+@pytest.fixture
+def zk_proxy(zookeeper: ZooKeeperServer) -> Iterator[TcpProxy]:
+    """A TCP proxy to the standalone server, to cut or black-hole a client's connection."""
+    proxy = TcpProxy(("127.0.0.1", zookeeper.client_port))
+    proxy.start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

@@ -62,20 +62,15 @@ def test_real_session_expiry_deletes_ephemerals_and_the_client_sees_lost(
 
 
 def test_proxy_drop_suspends_the_client_which_then_reconnects(
-    zookeeper: ZooKeeperServer, chroot: str, clients: Callable[..., KazooClient]
+    zk_proxy: TcpProxy, chroot: str, clients: Callable[..., KazooClient]
 ) -> None:
-    proxy = TcpProxy(("127.0.0.1", zookeeper.client_port))
-    proxy.start()
-    try:
-        client = clients(proxy.address + chroot)
-        states: list[str] = []
-        client.add_listener(states.append)
-        session = client.client_id[0]
-        proxy.drop()
-        with gevent.Timeout(10):
-            while not (KazooState.SUSPENDED in states and client.connected):
-                gevent.sleep(0.02)
-        assert KazooState.LOST not in states
-        assert client.client_id[0] == session  # same session: nothing was lost
-    finally:
-        proxy.stop()
+    client = clients(zk_proxy.address + chroot)
+    states: list[str] = []
+    client.add_listener(states.append)
+    session = client.client_id[0]
+    zk_proxy.drop()
+    with gevent.Timeout(10):
+        while not (KazooState.SUSPENDED in states and client.connected):
+            gevent.sleep(0.02)
+    assert KazooState.LOST not in states
+    assert client.client_id[0] == session  # same session: nothing was lost

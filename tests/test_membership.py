@@ -215,26 +215,21 @@ def test_a_failing_subscriber_is_logged_and_the_watch_goes_on(
 
 
 def test_the_cache_serves_through_a_lost_connection_and_catches_up_after_it(
-    zookeeper: ZooKeeperServer,
+    zk_proxy: TcpProxy,
     chroot: str,
     register: Callable[[int], Registrar],
     watch: Callable[..., Membership],
     captured: list[MutableMapping[str, Any]],
 ) -> None:
     register(9001)
-    proxy = TcpProxy(("127.0.0.1", zookeeper.client_port))
-    proxy.start()
-    try:
-        membership = watch(proxy.address + chroot)
-        proxy.blackhole()
-        wait_until(lambda: events_named(captured, events.MEMBERSHIP_SUSPENDED), 15)
-        register(9002)  # a change the membership cannot see now
-        assert ports(membership.instances) == {9001}  # still serving the cache
-        proxy.restore()
-        assert membership.wait_for(lambda view: ports(view) == {9001, 9002}, 15)
-        assert events_named(captured, events.MEMBERSHIP_REFRESHED)
-    finally:
-        proxy.stop()
+    membership = watch(zk_proxy.address + chroot)
+    zk_proxy.blackhole()
+    wait_until(lambda: events_named(captured, events.MEMBERSHIP_SUSPENDED), 15)
+    register(9002)  # a change the membership cannot see now
+    assert ports(membership.instances) == {9001}  # still serving the cache
+    zk_proxy.restore()
+    assert membership.wait_for(lambda view: ports(view) == {9001, 9002}, 15)
+    assert events_named(captured, events.MEMBERSHIP_REFRESHED)
 
 
 def test_after_a_real_session_expiry_the_view_is_reread_and_kept_current(

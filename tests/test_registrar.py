@@ -61,24 +61,19 @@ def test_stop_deletes_the_node(zk: KazooClient) -> None:
 
 
 def test_node_survives_a_dropped_connection_untouched(
-    zookeeper: ZooKeeperServer, chroot: str, clients: Callable[..., KazooClient]
+    zk_proxy: TcpProxy, chroot: str, clients: Callable[..., KazooClient]
 ) -> None:
-    proxy = TcpProxy(("127.0.0.1", zookeeper.client_port))
-    proxy.start()
-    try:
-        client = clients(proxy.address + chroot)
-        registrar = Registrar(client, "echo", INSTANCE)
-        registrar.start()
-        created = client.exists(registrar.path).czxid
-        proxy.drop()
-        wait_until(lambda: not client.connected, 5)
-        wait_until(lambda: client.connected, 10)
-        gevent.sleep(0.2)  # let the registrar's check after reconnect run
-        stat = client.exists(registrar.path)
-        assert stat.czxid == created and stat.ephemeralOwner == client.client_id[0]
-        registrar.stop()
-    finally:
-        proxy.stop()
+    client = clients(zk_proxy.address + chroot)
+    registrar = Registrar(client, "echo", INSTANCE)
+    registrar.start()
+    created = client.exists(registrar.path).czxid
+    zk_proxy.drop()
+    wait_until(lambda: not client.connected, 5)
+    wait_until(lambda: client.connected, 10)
+    gevent.sleep(0.2)  # let the registrar's check after reconnect run
+    stat = client.exists(registrar.path)
+    assert stat.czxid == created and stat.ephemeralOwner == client.client_id[0]
+    registrar.stop()
 
 
 def test_node_is_recreated_by_the_new_session_after_a_real_session_expiry(
@@ -160,17 +155,12 @@ def test_unreachable_zookeeper_raises_within_the_bound() -> None:
 
 
 def test_registering_while_zookeeper_is_silent_raises_within_the_bound(
-    zookeeper: ZooKeeperServer, chroot: str, clients: Callable[..., KazooClient]
+    zk_proxy: TcpProxy, chroot: str, clients: Callable[..., KazooClient]
 ) -> None:
-    proxy = TcpProxy(("127.0.0.1", zookeeper.client_port))
-    proxy.start()
-    try:
-        client = clients(proxy.address + chroot, session_timeout=4.0)
-        proxy.blackhole()
-        with pytest.raises(ZooKeeperUnavailableError, match="registering"):
-            Registrar(client, "echo", INSTANCE).start(timeout=1.0)
-    finally:
-        proxy.stop()
+    client = clients(zk_proxy.address + chroot, session_timeout=4.0)
+    zk_proxy.blackhole()
+    with pytest.raises(ZooKeeperUnavailableError, match="registering"):
+        Registrar(client, "echo", INSTANCE).start(timeout=1.0)
 
 
 def test_invalid_node_name_is_refused() -> None:
