@@ -53,7 +53,8 @@ class Registrar:
 
     ``client`` is a kazoo client on the gevent handler (see :func:`geventpool.zk.connect`); the
     registrar uses it but never starts or stops it. ``node_name`` defaults to
-    ``str(instance)`` (``host:port``).
+    ``str(instance)`` (``host:port``). ``stop_timeout`` bounds, in seconds, how long
+    :meth:`stop` tries to delete the node.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class Registrar:
         *,
         root: str = DEFAULT_ROOT,
         node_name: str | None = None,
+        stop_timeout: float = 5.0,
     ) -> None:
         name = node_name if node_name is not None else str(instance)
         if not name or "/" in name or name in (".", ".."):
@@ -75,6 +77,7 @@ class Registrar:
         self._payload = b""
         self._lost = False
         self._started = False
+        self._stop_timeout = stop_timeout
         self._loop = ReconcileLoop(
             self._ensure,
             is_connected=lambda: bool(self._client.connected),
@@ -133,27 +136,33 @@ class Registrar:
     def stop(self) -> None:
         """Delete the node if this session owns it, and stop maintaining it. Idempotent.
 
-        Errors talking to ZooKeeper are logged, not raised: the ephemeral node dies with the
-        session anyway.
+        Returns within ``stop_timeout`` seconds even if ZooKeeper does not answer (kazoo
+        queues requests while it reconnects). Failures are logged, not raised: the ephemeral
+        node dies with the session anyway.
         """
         if not self._started:
             return
         self._started = False
         self._client.remove_listener(self._on_state)
         self._loop.stop()
-        try:
-            _, stat = self._client.get(self._path)
-            if stat.ephemeralOwner == self._session_id():
-                self._client.delete(self._path, version=stat.version)
-        except NoNodeError:
-            pass
-        except (KazooException, *CONNECTION_ERRORS) as error:
+        failure: str | None = f"no answer within {self._stop_timeout:g}s"
+        with gevent.Timeout(self._stop_timeout, False):
+            try:
+                _, stat = self._client.get(self._path)
+                if stat.ephemeralOwner == self._session_id():
+                    self._client.delete(self._path, version=stat.version)
+                failure = None
+            except NoNodeError:
+                failure = None
+            except (KazooException, *CONNECTION_ERRORS) as error:
+                failure = repr(error)
+        if failure is not None:
             events.emit(
                 events.REGISTRATION_FAILED,
                 "warning",
                 service=self._service,
                 path=self._path,
-                error=repr(error),
+                error=failure,
                 during="deregister",
             )
         events.emit(

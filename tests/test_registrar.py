@@ -166,3 +166,17 @@ def test_registering_while_zookeeper_is_silent_raises_within_the_bound(
 def test_invalid_node_name_is_refused() -> None:
     with pytest.raises(RegistrationError):
         Registrar(None, "echo", INSTANCE, node_name="a/b")
+
+
+@pytest.mark.gevent_timeout(30)
+def test_stop_returns_within_its_bound_while_zookeeper_is_silent(
+    zk_proxy: TcpProxy, chroot: str, clients: Callable[..., KazooClient]
+) -> None:
+    client = clients(zk_proxy.address + chroot, session_timeout=3.0)
+    registrar = Registrar(client, "echo", INSTANCE, stop_timeout=1.0)
+    registrar.start()
+    zk_proxy.blackhole()
+    wait_until(lambda: not client.connected, 10)  # SUSPENDED: requests would queue forever
+    started = time.monotonic()
+    registrar.stop()
+    assert time.monotonic() - started < 5.0

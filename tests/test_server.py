@@ -20,7 +20,9 @@ from geventpool import events
 from geventpool.errors import ConfigurationError
 from geventpool.server import Registration, ThriftServer
 from geventpool.testing.echo_server import EchoHandler, echo_thrift
+from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
+from geventpool.zk import ZooKeeperConfig
 from helpers import events_named, wait_until
 
 
@@ -196,3 +198,16 @@ def test_binding_all_interfaces_with_registration_needs_an_advertised_host() -> 
 def test_invalid_options_raise_configuration_error(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         ThriftServer(echo_thrift.Echo, EchoHandler(""), **options)
+
+
+@pytest.mark.gevent_timeout(40)
+def test_stop_finishes_while_zookeeper_is_silent(
+    zk_proxy: TcpProxy, chroot: str, serve: Callable[..., ThriftServer]
+) -> None:
+    config = ZooKeeperConfig(zk_proxy.address + chroot, session_timeout=3.0)
+    server = serve(registration=Registration(zookeeper=config, service="echo"))
+    zk_proxy.blackhole()
+    gevent.sleep(2.5)  # the server's client is SUSPENDED now
+    started = time.monotonic()
+    server.stop(drain_timeout=1.0)
+    assert time.monotonic() - started < 15.0
