@@ -49,6 +49,7 @@ SERVER_STOPPING = "server_stopping"
 SERVER_STOPPED = "server_stopped"
 SERVER_CONNECTION_LIMIT_REACHED = "server_connection_limit_reached"
 SERVER_HANDLER_FAILED = "server_handler_failed"
+SERVER_CONNECTION_ERROR = "server_connection_error"
 SERVER_DRAIN_TIMEOUT = "server_drain_timeout"
 
 

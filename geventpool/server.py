@@ -8,6 +8,8 @@
   closed (``None``: never). thriftpy2's own threaded server silently drops idle connections
   after 3 s; keep this longer than the client pool's idle timeout so that clients, which can
   tell, close idle connections first.
+* **One bad peer stays one bad peer.** Bytes that are not the configured protocol close that
+  connection only (``server_connection_error``); nothing reaches gevent's hub.
 * **No hung callers.** A handler exception not declared in the IDL is logged
   (``server_handler_failed``) and answered with a ``TApplicationException(INTERNAL_ERROR)``;
   the connection stays usable. Declared exceptions reach the caller as declared.
@@ -334,7 +336,15 @@ class ThriftServer:
                 self._processor.process_call(iprot, oprot, connection)
                 self.stats.calls += 1
         except (TException, OSError, EOFError):
-            pass  # peer closed, idle timeout, drain, or garbage on the wire: drop it
+            pass  # the peer closed, the idle timeout or the drain: the ordinary ends
+        except Exception as error:  # noqa: BLE001 - one bad peer must not reach the hub
+            events.emit(
+                events.SERVER_CONNECTION_ERROR,
+                "warning",
+                port=self.port,
+                peer=f"{address[0]}:{address[1]}",
+                error=repr(error)[:200],
+            )
         finally:
             self._connections.discard(connection)
             self.stats.connections = len(self._connections)

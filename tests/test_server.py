@@ -211,3 +211,26 @@ def test_stop_finishes_while_zookeeper_is_silent(
     started = time.monotonic()
     server.stop(drain_timeout=1.0)
     assert time.monotonic() - started < 15.0
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x80\x01\x00\x01\x7f\xff\xff\xffe",  # a 2 GiB method name
+    ],
+    ids=["http", "huge-length"],
+)
+def test_garbage_on_the_wire_closes_that_connection_only(
+    garbage: bytes, serve: Callable[..., ThriftServer], captured: list[MutableMapping[str, Any]]
+) -> None:
+    server = serve()
+    neighbour = client(server)
+    assert neighbour.echo("before") == "before"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as peer:
+        peer.sendall(garbage)
+        assert peer.recv(100) == b""  # closed by the server
+    assert neighbour.echo("after") == "after"
+    assert client(server).echo("new") == "new"
+    [event] = events_named(captured, events.SERVER_CONNECTION_ERROR)
+    assert event["port"] == server.port and event["error"]
