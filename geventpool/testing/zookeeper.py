@@ -13,10 +13,12 @@ short tick makes expiry tests fast. Sessions may be as long as 60 s whatever the
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -322,3 +324,43 @@ class ZooKeeperEnsemble:
         for member in self.members:
             if member.running:
                 member.wait_ready(max(0.1, deadline - time.monotonic()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m geventpool.testing.zookeeper``: run ZooKeeper on 127.0.0.1 until signalled.
+
+    Prints the connect string as soon as every server is serving, then waits for SIGINT or
+    SIGTERM and stops every process it started.
+    """
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--size", type=int, default=1, help="1: standalone; 3: an ensemble")
+    parser.add_argument("--tick", type=float, default=0.2, help="tickTime in seconds")
+    parser.add_argument("--port", type=int, default=0, help="client port (standalone only)")
+    parser.add_argument("--folder", type=Path, help="data and logs (default: a temporary one)")
+    args = parser.parse_args(argv)
+    folder = args.folder or Path(tempfile.mkdtemp(prefix="geventpool-zk-"))
+    servers: ZooKeeperServer | ZooKeeperEnsemble
+    if args.size == 1:
+        servers = ZooKeeperServer(folder, args.port or None, tick_time=args.tick)
+    else:
+        servers = ZooKeeperEnsemble(folder, args.size, tick_time=args.tick)
+    stop = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        servers.start()
+        print(f"ZooKeeper serving: {servers.hosts}  (data and logs in {folder})", flush=True)
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        servers.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
