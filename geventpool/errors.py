@@ -55,3 +55,79 @@ class InvalidInstanceError(DiscoveryError):
         self.node = node
         self.reason = reason
         super().__init__(f"rejected instance {node!r}: {reason}" if node else reason)
+
+
+class NoInstancesError(DiscoveryError):
+    """The service has no live (or no usable) instance to call right now."""
+
+    def __init__(self, service: str, detail: str = "") -> None:
+        self.service = service
+        message = f"no instance of {service!r} available"
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class PoolError(GeventPoolError):
+    """A connection could not be had from a pool."""
+
+
+class PoolClosedError(PoolError):
+    """The pool (or the client owning it) is closed, or its instance left the service."""
+
+
+class PoolExhaustedError(PoolError):
+    """Every connection was busy and none could be opened within the wait.
+
+    ``service``, ``max_connections`` (over all instances tried), ``in_use``, ``waiters`` and
+    ``timeout`` (seconds waited) are attributes as well as part of the message.
+    """
+
+    def __init__(
+        self, service: str, max_connections: int, in_use: int, waiters: int, timeout: float
+    ) -> None:
+        self.service = service
+        self.max_connections = max_connections
+        self.in_use = in_use
+        self.waiters = waiters
+        self.timeout = timeout
+        super().__init__(
+            f"pool of {service!r} exhausted: {in_use} of {max_connections} connections in use,"
+            f" {waiters} callers waiting, none free within {timeout:.3f}s;"
+            " add server instances or raise max_connections"
+        )
+
+
+class TransportError(GeventPoolError):
+    """The call failed on the wire; ``instance`` names where, ``reason`` says how.
+
+    The request may have been sent (and executed): retry only idempotent calls.
+    """
+
+    def __init__(self, instance: str, reason: str) -> None:
+        self.instance = instance
+        self.reason = reason
+        super().__init__(f"{instance}: {reason}")
+
+
+class ConnectError(TransportError):
+    """No connection could be opened: nothing was sent, so another instance may be tried."""
+
+
+class CallTimeoutError(TransportError):
+    """The call's deadline passed; the request may have been sent. ``timeout`` in seconds."""
+
+    def __init__(self, instance: str, method: str, timeout: float) -> None:
+        self.method = method
+        self.timeout = timeout
+        super().__init__(instance, f"{method}() got no reply within its {timeout:.3f}s deadline")
+
+
+class RetriesExhaustedError(GeventPoolError):
+    """Every attempt failed before anything was sent; ``attempts`` holds each attempt's error."""
+
+    def __init__(self, service: str, attempts: list[GeventPoolError]) -> None:
+        self.service = service
+        self.attempts = attempts
+        self.reason = attempts[-1] if attempts else None
+        super().__init__(
+            f"{service!r}: {len(attempts)} attempts failed to connect; last: {self.reason}"
+        )

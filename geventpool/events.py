@@ -43,6 +43,15 @@ EMPTY_PROTECTION_ENGAGED = "empty_protection_engaged"
 EMPTY_PROTECTION_CLEARED = "empty_protection_cleared"
 EMPTY_PROTECTION_EXPIRED = "empty_protection_expired"
 
+# Pool and client
+POOL_EXHAUSTED = "pool_exhausted"
+INSTANCE_EJECTED = "instance_ejected"
+INSTANCE_RESTORED = "instance_restored"
+CONNECTION_REAPED = "connection_reaped"
+CLIENT_STARTED = "client_started"
+CLIENT_STOPPED = "client_stopped"
+CLIENT_REBUILT_AFTER_FORK = "client_rebuilt_after_fork"
+
 # Thrift server
 SERVER_STARTED = "server_started"
 SERVER_STOPPING = "server_stopping"

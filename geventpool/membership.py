@@ -37,6 +37,7 @@ from geventpool.instance import Instance
 from geventpool.payloads import DEFAULT_MAX_PAYLOAD, decode_instance
 from geventpool.reconcile import ReconcileLoop
 from geventpool.registrar import describe_hosts
+from geventpool.validation import check_seconds
 from geventpool.zk import DEFAULT_ROOT, service_path
 
 Instances = Mapping[str, Instance]
@@ -98,10 +99,7 @@ class Membership:
             path = service_path(service, root)
         elif not path.startswith("/") or path.endswith("/"):
             raise ConfigurationError(f"path must be an absolute ZooKeeper path, not {path!r}")
-        if not isinstance(empty_protection, int | float) or empty_protection < 0:
-            raise ConfigurationError(
-                f"empty_protection must be seconds >= 0, not {empty_protection!r}"
-            )
+        check_seconds("empty_protection", empty_protection, zero=True)
         self._client = client
         self._service = service or path.rsplit("/", 1)[-1]
         self._path = path
@@ -123,6 +121,11 @@ class Membership:
             is_connected=lambda: bool(self._client.connected),
             on_error=self._on_error,
         )
+
+    @property
+    def client(self) -> KazooClient:
+        """The kazoo client the membership reads through."""
+        return self._client
 
     @property
     def service(self) -> str:

@@ -44,6 +44,7 @@ from geventpool import events
 from geventpool.errors import ConfigurationError
 from geventpool.instance import PROTOCOLS, TRANSPORTS, Instance
 from geventpool.registrar import Registrar
+from geventpool.validation import check_seconds
 from geventpool.zk import DEFAULT_ROOT, ZooKeeperConfig, connect
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -170,10 +171,9 @@ class ThriftServer:
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
-        if idle_timeout is not None and idle_timeout <= 0:
-            raise ConfigurationError("idle_timeout must be positive seconds, or None")
-        if drain_timeout < 0 or deregister_grace < 0:
-            raise ConfigurationError("drain_timeout and deregister_grace must be >= 0")
+        check_seconds("idle_timeout", idle_timeout, optional=True)
+        check_seconds("drain_timeout", drain_timeout, zero=True)
+        check_seconds("deregister_grace", deregister_grace, zero=True)
         if (
             registration is not None
             and registration.advertise_host is None

@@ -19,6 +19,7 @@ from kazoo.retry import KazooRetry
 
 from geventpool import events
 from geventpool.errors import ConfigurationError, ZooKeeperUnavailableError
+from geventpool.validation import check_seconds
 
 DEFAULT_ROOT = "/geventpool"
 """Where services live unless told otherwise: ``<root>/<service>/<instance>``."""
@@ -47,11 +48,7 @@ class ZooKeeperConfig:
         if not isinstance(self.hosts, str) or not self.hosts.strip():
             raise ConfigurationError("ZooKeeper hosts must be a non-empty connect string")
         for name in ("session_timeout", "connect_timeout", "max_retry_delay"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ConfigurationError(
-                    f"{name} must be a positive number of seconds, not {value!r}"
-                )
+            check_seconds(name, getattr(self, name))
 
 
 def make_client(

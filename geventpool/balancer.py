@@ -1,0 +1,104 @@
+"""Balancers choose which instance's pool serves a call; they only choose.
+
+Both skip pools that are not available (ejected or retired) and pools already tried by this
+call, and return None when none is left. :class:`LeastInUse` (the default) samples two pools at
+random and takes the one with fewer calls in progress per unit of weight (power of two choices:
+near the best choice at O(1) cost, and no herd on a single "least loaded" instance); when both
+samples are full, it scans for any pool with room before settling for the least loaded one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from geventpool.errors import ConfigurationError
+from geventpool.pool import InstancePool
+
+
+class Balancer(Protocol):
+    """Chooses one of ``pools`` for a call, or None."""
+
+    def choose(
+        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
+    ) -> InstancePool | None: ...
+
+
+def _load(pool: InstancePool) -> float:
+    return (pool.in_use + pool.waiting) / pool.instance.weight
+
+
+class RoundRobin:
+    """Each available pool in turn."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(
+        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
+    ) -> InstancePool | None:
+        count = len(pools)
+        for _ in range(count):
+            self._next = (self._next + 1) % count
+            pool = pools[self._next]
+            if pool.available(now) and pool not in tried:
+                return pool
+        return None
+
+
+class LeastInUse:
+    """Power of two choices on calls in progress per weight; prefers pools with room."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._random = rng or random.Random()
+
+    def choose(
+        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
+    ) -> InstancePool | None:
+        count = len(pools)
+        if count == 0:
+            return None
+        pick = self._random.randrange
+        first, second = pools[pick(count)], pools[pick(count)]
+        ok_first = first.available(now) and first not in tried
+        ok_second = second.available(now) and second not in tried
+        if ok_first and ok_second:
+            best = first if _load(first) <= _load(second) else second
+            if best.has_capacity():
+                return best
+        elif ok_first and first.has_capacity():
+            return first
+        elif ok_second and second.has_capacity():
+            return second
+        return self._scan(pools, now, tried)
+
+    def _scan(
+        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
+    ) -> InstancePool | None:
+        """Any pool with room (from a random start, so none is favoured), else the least
+        loaded available one."""
+        count = len(pools)
+        start = self._random.randrange(count)
+        best: InstancePool | None = None
+        for offset in range(count):
+            pool = pools[(start + offset) % count]
+            if not pool.available(now) or pool in tried:
+                continue
+            if pool.has_capacity():
+                return pool
+            if best is None or _load(pool) < _load(best):
+                best = pool
+        return best
+
+
+BALANCERS = {"least_in_use": LeastInUse, "round_robin": RoundRobin}
+
+
+def make_balancer(name: str) -> Balancer:
+    """The balancer called ``name`` (``least_in_use`` or ``round_robin``)."""
+    factory = BALANCERS.get(name)
+    if factory is None:
+        raise ConfigurationError(f"balancer must be one of {sorted(BALANCERS)}, not {name!r}")
+    balancer: Balancer = factory()
+    return balancer

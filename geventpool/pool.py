@@ -1,0 +1,486 @@
+"""The connections to one instance: bounded, fair, self-healing.
+
+:class:`InstancePool` promises:
+
+* **The cap always holds.** ``in_use + idle + opening <= max_connections``: a slot is taken
+  *before* a connect yields, so concurrent callers can never open more than the maximum.
+* **First come, first served.** When nothing is free, callers queue; a released connection is
+  handed straight to the oldest waiter (the releasing greenlet cannot take it back), and a
+  freed slot is granted to the oldest waiter to open a new connection. Nobody overtakes a
+  waiter, so no waiter starves.
+* **Bounded waits.** A wait ends by ``pool_timeout`` (or the call's deadline) with
+  :class:`~geventpool.errors.PoolExhaustedError` stating the numbers.
+* **Nothing leaks.** A caller killed at any point (``gevent.Timeout``, ``GreenletExit``)
+  gives back whatever it held or was being handed; a double release raises.
+* **No dying connection is handed out.** An idle connection is checked at checkout (broken,
+  past its lifetime, closed by the peer, or failing the optional ``pre_ping``) and the reaper
+  takes idle connections out of the stack before closing them. Broken connections are closed
+  at check-in, never reused.
+* **Local ejection.** ``eject_after`` consecutive failures take the instance out of
+  rotation for a back-off that doubles on each ejection in a row (``eject_backoff`` up to
+  ``max_eject_backoff`` seconds); the first success after it restores it.
+* **Retirement.** When the instance leaves the service, no new checkout is served, idle
+  connections close at once, busy ones at check-in, and waiters get PoolClosedError.
+
+Everything runs on one gevent hub, so the bookkeeping needs no lock: it only has to avoid
+yielding in the middle of an update, which it does.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gevent.event import AsyncResult
+
+from geventpool import events
+from geventpool.connection import Connection, open_connection
+from geventpool.errors import (
+    ConfigurationError,
+    ConnectError,
+    PoolClosedError,
+    PoolError,
+    PoolExhaustedError,
+    TransportError,
+)
+from geventpool.instance import Instance
+from geventpool.validation import check_seconds
+
+ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
+_OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a connection
+_CANCELLED = object()  # a waiter that left; whoever pops it passes it over
+_SHUT = object()  # the pool retired or closed while the waiter waited
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """How each instance's pool behaves. Durations are float seconds.
+
+    ``max_connections`` per instance; ``min_idle`` idle connections kept open (also the count
+    opened when an instance joins); ``pool_timeout`` the longest wait for a connection;
+    ``connect_timeout`` for opening one; ``idle_timeout`` after which an idle connection above
+    ``min_idle`` is closed (None: never); ``max_lifetime`` after which any connection is
+    retired, shortened by up to ``lifetime_jitter`` (a fraction) so they do not all expire at
+    once; ``pre_ping`` the name of a no-argument method called on an idle connection before
+    it is handed out (None: only the free socket check); ``eject_after``,
+    ``eject_backoff`` and ``max_eject_backoff`` govern local ejection; ``reap_interval`` is
+    the reaper's period.
+    """
+
+    max_connections: int = 10
+    min_idle: int = 0
+    pool_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    idle_timeout: float | None = 600.0
+    max_lifetime: float | None = 1800.0
+    lifetime_jitter: float = 0.1
+    pre_ping: str | None = None
+    eject_after: int = 3
+    eject_backoff: float = 1.0
+    max_eject_backoff: float = 30.0
+    reap_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_connections, int) or self.max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, not {self.max_connections!r}")
+        if not isinstance(self.min_idle, int) or not 0 <= self.min_idle <= self.max_connections:
+            raise ConfigurationError(
+                f"min_idle must be from 0 to max_connections ({self.max_connections}),"
+                f" not {self.min_idle!r}"
+            )
+        if not isinstance(self.eject_after, int) or self.eject_after < 1:
+            raise ConfigurationError(f"eject_after must be >= 1, not {self.eject_after!r}")
+        for name in (
+            "pool_timeout",
+            "connect_timeout",
+            "eject_backoff",
+            "max_eject_backoff",
+            "reap_interval",
+        ):
+            check_seconds(name, getattr(self, name))
+        for name in ("idle_timeout", "max_lifetime"):
+            check_seconds(name, getattr(self, name), optional=True)
+        if not 0 <= self.lifetime_jitter < 1:
+            raise ConfigurationError("lifetime_jitter must be a fraction from 0 to below 1")
+
+
+@dataclass(frozen=True)
+class InstanceStatus:
+    """A snapshot of one instance's pool (what operators, the demo and load tests read)."""
+
+    instance: str
+    state: str
+    in_use: int
+    idle: int
+    opening: int
+    waiters: int
+    max_connections: int
+    opened: int
+    closed: int
+    reaped: int
+    checkouts: int
+    failures: int
+    ejected: bool
+    ejections: int
+    last_error: str | None
+
+
+Connector = Callable[..., Connection]
+
+
+class InstancePool:
+    """The connections of one ``instance`` of the thriftpy2 ``service``."""
+
+    def __init__(
+        self,
+        service_name: str,
+        instance: Instance,
+        service: Any,
+        settings: PoolSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        connect: Connector = open_connection,
+    ) -> None:
+        self.instance = instance
+        self.name = str(instance)
+        self._service_name = service_name
+        self._service = service
+        self._settings = settings
+        self._clock = clock
+        self._connect = connect
+        self._idle: list[Connection] = []  # a stack: the most recently used on top
+        self._open_connections: set[Connection] = set()  # idle and checked out
+        self._waiters: deque[AsyncResult] = deque()
+        self._waiting = 0
+        self._in_use = 0
+        self._opening = 0
+        self.state = ACTIVE
+        self.failures = 0
+        self._ejected_until: float | None = None
+        self._ejections_in_row = 0
+        self.opened = self.closed = self.reaped = self.checkouts = self.ejections = 0
+        self.last_error: str | None = None
+
+    # -- checkout and check-in ---------------------------------------------------------------
+
+    @property
+    def in_use(self) -> int:
+        """Connections checked out now."""
+        return self._in_use
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for a connection now."""
+        return self._waiting
+
+    @property
+    def max_connections(self) -> int:
+        """The cap of this pool."""
+        return self._settings.max_connections
+
+    def has_capacity(self) -> bool:
+        """Whether a caller would get a connection without waiting."""
+        return self._waiting == 0 and (
+            bool(self._idle)
+            or self._in_use + len(self._idle) + self._opening < self._settings.max_connections
+        )
+
+    def acquire(self, deadline: float) -> Connection:
+        """A connection for one caller, by ``deadline`` at the latest (clock seconds).
+
+        Raises :class:`ConnectError` (nothing sent; the failure counts towards ejection),
+        :class:`PoolExhaustedError` when the wait ends, :class:`PoolClosedError` when the pool
+        is retired or closed.
+        """
+        if self.state is not ACTIVE:
+            raise PoolClosedError(f"pool of {self.name} is {self.state}")
+        if self._waiting == 0:
+            if self._waiters:
+                self._waiters.clear()  # only cancelled waiters are left in it
+            now = self._clock()
+            while self._idle:
+                connection = self._idle.pop()
+                if connection.usable(now) and self._ping(connection, deadline):
+                    self._in_use += 1
+                    self.checkouts += 1
+                    return connection
+                self._discard(connection)
+            if self._in_use + self._opening < self._settings.max_connections:
+                self._opening += 1  # reserve the slot before the connect yields
+                return self._open(deadline)
+        return self._wait(deadline)
+
+    def release(self, connection: Connection) -> None:
+        """Check ``connection`` back in: to the oldest waiter, to the idle stack, or closed
+        (broken, past its lifetime, or the pool is not active). Raises PoolError if it was
+        not checked out."""
+        if self._in_use <= 0:
+            raise PoolError(f"release of a connection to {self.name} that was not checked out")
+        self._in_use -= 1
+        if connection.broken or self.state is not ACTIVE or self._clock() >= connection.expires_at:
+            self._discard(connection)
+            self._grant_slot()
+            return
+        self._deliver(connection)
+
+    def _deliver(self, connection: Connection) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.ready():
+                continue  # it left already
+            self._in_use += 1
+            self.checkouts += 1
+            waiter.set(connection)
+            return
+        self._idle.append(connection)
+
+    def _grant_slot(self) -> None:
+        """Give a free slot to the oldest waiter, which will open a connection with it."""
+        if self.state is not ACTIVE:
+            return
+        while (
+            self._waiters
+            and self._in_use + len(self._idle) + self._opening < self._settings.max_connections
+        ):
+            waiter = self._waiters.popleft()
+            if waiter.ready():
+                continue
+            self._opening += 1
+            waiter.set(_OPEN_SLOT)
+            return
+
+    def _open(self, deadline: float) -> Connection:
+        """Open a connection in the slot the caller reserved (``_opening`` counts it)."""
+        settings = self._settings
+        lifetime = float("inf")
+        if settings.max_lifetime is not None:
+            lifetime = settings.max_lifetime * (1 - random.random() * settings.lifetime_jitter)
+        try:
+            connection = self._connect(
+                self.instance,
+                self._service,
+                connect_timeout=settings.connect_timeout,
+                deadline=deadline,
+                lifetime=lifetime,
+                clock=self._clock,
+            )
+        except BaseException as error:
+            self._opening -= 1
+            self._grant_slot()
+            if isinstance(error, ConnectError):
+                self.record_failure(error)
+            raise
+        self._opening -= 1
+        self.opened += 1
+        self._open_connections.add(connection)
+        if self.state is not ACTIVE:  # retired while we were connecting
+            self._discard(connection)
+            raise PoolClosedError(f"pool of {self.name} is {self.state}")
+        self._in_use += 1
+        self.checkouts += 1
+        return connection
+
+    def _wait(self, deadline: float) -> Connection:
+        now = self._clock()
+        timeout = min(deadline - now, self._settings.pool_timeout)
+        if timeout <= 0:
+            raise self.exhausted(0.0)
+        waiter = AsyncResult()
+        self._waiters.append(waiter)
+        self._waiting += 1
+        try:
+            value = waiter.wait(timeout)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        finally:
+            self._waiting -= 1
+        if not waiter.ready():
+            self._abandon(waiter)
+            raise self.exhausted(timeout)
+        if value is _OPEN_SLOT:
+            return self._open(deadline)
+        if value is _SHUT:
+            raise PoolClosedError(f"pool of {self.name} is {self.state}")
+        assert isinstance(value, Connection)
+        return value
+
+    def _abandon(self, waiter: AsyncResult) -> None:
+        """The waiter leaves: pass on whatever was handed to it meanwhile."""
+        if not waiter.ready():
+            waiter.set(_CANCELLED)
+            return
+        value = waiter.value
+        if value is _OPEN_SLOT:
+            self._opening -= 1
+            self._grant_slot()
+        elif isinstance(value, Connection):
+            self.checkouts -= 1
+            self.release(value)
+
+    def exhausted(self, waited: float) -> PoolExhaustedError:
+        """The error for a wait of ``waited`` seconds that found nothing free."""
+        return PoolExhaustedError(
+            self._service_name, self.max_connections, self._in_use, self._waiting, waited
+        )
+
+    def _ping(self, connection: Connection, deadline: float) -> bool:
+        method = self._settings.pre_ping
+        if method is None:
+            return True
+        ping_deadline = min(deadline, self._clock() + self._settings.connect_timeout)
+        try:
+            connection.call(method, (), {}, ping_deadline)
+        except TransportError:
+            return False
+        except Exception:  # noqa: BLE001 - a declared exception is still an answer
+            return not connection.broken
+        except BaseException:  # the caller was cancelled mid-ping: the connection is off the stack
+            self._discard(connection)
+            raise
+        return True
+
+    def _discard(self, connection: Connection) -> None:
+        connection.close()
+        self._open_connections.discard(connection)
+        self.closed += 1
+
+    # -- health --------------------------------------------------------------------------------
+
+    def available(self, now: float) -> bool:
+        """Whether the balancer may choose this pool now (active and not ejected)."""
+        if self.state is not ACTIVE:
+            return False
+        return self._ejected_until is None or now >= self._ejected_until
+
+    def record_success(self) -> None:
+        """A call succeeded: the consecutive failures end, an ejection is over."""
+        self.failures = 0
+        if self._ejections_in_row:
+            self._ejections_in_row = 0
+            self._ejected_until = None
+            events.emit(events.INSTANCE_RESTORED, service=self._service_name, instance=self.name)
+
+    def record_failure(self, error: BaseException) -> None:
+        """A connect or call failed on the wire; eject after ``eject_after`` in a row."""
+        self.failures += 1
+        self.last_error = repr(error)
+        now = self._clock()
+        settings = self._settings
+        if self.failures < settings.eject_after or not self.available(now):
+            return
+        backoff = min(
+            settings.max_eject_backoff, settings.eject_backoff * 2**self._ejections_in_row
+        )
+        self._ejections_in_row += 1
+        self._ejected_until = now + backoff
+        self.ejections += 1
+        for connection in self._idle:  # they are likely dead too
+            self._discard(connection)
+        self._idle.clear()
+        events.emit(
+            events.INSTANCE_EJECTED,
+            "warning",
+            service=self._service_name,
+            instance=self.name,
+            failures=self.failures,
+            seconds=backoff,
+            error=self.last_error,
+        )
+
+    # -- upkeep --------------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        """Close idle connections that are dead, past their lifetime, or idle for longer than
+        ``idle_timeout`` while more than ``min_idle`` are idle. Each is taken off the stack
+        before it is closed, so no borrower can receive it."""
+        now = self._clock()
+        idle_timeout = self._settings.idle_timeout
+        keep: list[Connection] = []
+        surplus = len(self._idle) - self._settings.min_idle
+        for connection in self._idle:  # oldest (least recently used) first
+            stale = idle_timeout is not None and now - connection.last_used >= idle_timeout
+            if not connection.usable(now) or (stale and surplus > 0):
+                surplus -= 1
+                self.reaped += 1
+                self._discard(connection)
+                events.emit(
+                    events.CONNECTION_REAPED,
+                    "debug",
+                    service=self._service_name,
+                    instance=self.name,
+                    idle_for=round(now - connection.last_used, 3),
+                )
+            else:
+                keep.append(connection)
+        self._idle[:] = keep
+
+    def fill(self) -> None:
+        """Open connections until ``min_idle`` are idle (or being opened), within the cap."""
+        settings = self._settings
+        while (
+            self.state is ACTIVE
+            and self.available(self._clock())
+            and len(self._idle) + self._opening < settings.min_idle
+            and self._in_use + len(self._idle) + self._opening < settings.max_connections
+        ):
+            self._opening += 1
+            try:
+                connection = self._open(self._clock() + settings.connect_timeout)
+            except (ConnectError, PoolClosedError):
+                return
+            self._in_use -= 1  # _open counted it as checked out; it goes to a waiter or idle
+            self.checkouts -= 1
+            self._deliver(connection)
+
+    def shut(self, state: str = RETIRED) -> None:
+        """Stop serving: close idle connections now, busy ones at check-in, wake waiters."""
+        if self.state is not ACTIVE:
+            return
+        self.state = state
+        for connection in self._idle:
+            self._discard(connection)
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.ready():
+                waiter.set(_SHUT)
+
+    def descriptors(self) -> list[int]:
+        """The descriptors of every open connection, idle or checked out."""
+        return [connection.fileno() for connection in self._open_connections]
+
+    def forget(self) -> None:
+        """After a fork, in the child: stop serving and drop every connection (their
+        descriptors were killed in the fork; closing them touches nothing of the parent's)."""
+        self.state = CLOSED
+        for connection in self._open_connections:
+            connection.close()
+        self._open_connections.clear()
+        self._idle.clear()
+        self._waiters.clear()
+
+    def status(self) -> InstanceStatus:
+        """A snapshot of this pool; ``state`` is active, ejected, retired or closed."""
+        ejected = self.state is ACTIVE and not self.available(self._clock())
+        return InstanceStatus(
+            instance=self.name,
+            state="ejected" if ejected else self.state,
+            in_use=self._in_use,
+            idle=len(self._idle),
+            opening=self._opening,
+            waiters=self._waiting,
+            max_connections=self._settings.max_connections,
+            opened=self.opened,
+            closed=self.closed,
+            reaped=self.reaped,
+            checkouts=self.checkouts,
+            failures=self.failures,
+            ejected=ejected,
+            ejections=self.ejections,
+            last_error=self.last_error,
+        )
