@@ -11,13 +11,17 @@ a timeout or a half-written request the next caller could read someone else's re
 * The deadline is total (connect excluded), enforced by a ``gevent.Timeout`` that belongs to
   the call, so a peer trickling one byte a second cannot stretch it; it breaks the connection
   and raises :class:`~geventpool.errors.CallTimeoutError`.
-* Anything else raised mid-call (bad arguments failing to serialize, a caller's own
-  ``gevent.Timeout``, ``GreenletExit``) breaks it and propagates unchanged.
+* Arguments that do not fit the IDL raise :class:`~geventpool.errors.InvalidArgumentsError`
+  before anything is sent; if they fail only while being encoded, the half-written request in
+  the write buffer breaks the connection.
+* Anything else raised mid-call (a caller's own ``gevent.Timeout``, ``GreenletExit``) breaks
+  it and propagates unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import Callable
@@ -31,7 +35,12 @@ from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TClient, TDecodeException, TException
 from thriftpy2.transport import TSocket, TTransportException
 
-from geventpool.errors import CallTimeoutError, ConnectError, TransportError
+from geventpool.errors import (
+    CallTimeoutError,
+    ConnectError,
+    InvalidArgumentsError,
+    TransportError,
+)
 from geventpool.instance import Instance
 from geventpool.server import protocol_factory, transport_factory
 
@@ -88,10 +97,19 @@ class Connection:
         remaining = deadline - self._clock()
         if remaining <= 0:  # nothing sent: the connection stays clean
             raise CallTimeoutError(str(self.instance), method, 0.0)
+        client = self._client
+        arguments = bind_arguments(client._service, method, args, kwargs)  # noqa: SLF001
         timer = gevent.Timeout(remaining)
         timer.start()
         try:
-            result = getattr(self._client, method)(*args, **kwargs)
+            try:
+                client._send(method, **arguments)  # noqa: SLF001 - split send from receive
+            except (OSError, TTransportException):
+                raise
+            except Exception as error:
+                raise InvalidArgumentsError(method, repr(error)) from error
+            oneway = getattr(client._service, f"{method}_result").oneway  # noqa: SLF001
+            result = None if oneway else client._recv(method)  # noqa: SLF001
         except TException as error:
             if isinstance(error, _WIRE_ERRORS):
                 self.broken = True
@@ -134,6 +152,42 @@ class Connection:
         self.broken = True
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(service: Any, method: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The argument names of ``method`` in IDL order, and the required ones."""
+    try:
+        spec = getattr(service, f"{method}_args").thrift_spec
+    except AttributeError:
+        raise InvalidArgumentsError(method, "no such method in the service") from None
+    fields = [spec[key] for key in sorted(spec)]
+    names = tuple(field[1] for field in fields)
+    required = frozenset(field[1] for field in fields if field[-1] is True)
+    return names, required
+
+
+def bind_arguments(
+    service: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """Map a call's arguments to the IDL's names, as Python binds a call: too many, unknown,
+    repeated or missing required arguments raise :class:`InvalidArgumentsError`."""
+    names, required = _signature(service, method)
+    if len(args) > len(names):
+        raise InvalidArgumentsError(
+            method, f"takes {len(names)} arguments ({', '.join(names)}), {len(args)} given"
+        )
+    arguments = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise InvalidArgumentsError(method, f"unexpected argument {name!r}")
+        if name in arguments:
+            raise InvalidArgumentsError(method, f"argument {name!r} given twice")
+        arguments[name] = value
+    missing = required - arguments.keys()
+    if missing:
+        raise InvalidArgumentsError(method, f"missing required arguments {sorted(missing)}")
+    return arguments
 
 
 def open_connection(

@@ -131,3 +131,15 @@ class RetriesExhaustedError(GeventPoolError):
         super().__init__(
             f"{service!r}: {len(attempts)} attempts failed to connect; last: {self.reason}"
         )
+
+
+class InvalidArgumentsError(GeventPoolError, TypeError):
+    """The arguments do not fit the IDL of ``method``; nothing was sent.
+
+    Also a ``TypeError``, as Python raises for a bad call.
+    """
+
+    def __init__(self, method: str, reason: str) -> None:
+        self.method = method
+        self.reason = reason
+        super().__init__(f"{method}(): {reason}")

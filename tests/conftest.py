@@ -31,6 +31,8 @@ import pytest
 import structlog
 from kazoo.client import KazooClient
 
+from geventpool.server import ThriftServer
+from geventpool.testing.echo_server import EchoHandler, echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer
@@ -207,6 +209,25 @@ def servers(
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ThriftServer]]:
+    """``serve(**options)`` starts an in-process echo server, stopped after the test."""
+    started: list[ThriftServer] = []
+
+    def start(**options: Any) -> ThriftServer:
+        options.setdefault("deregister_grace", 0.0)
+        handler = EchoHandler("")
+        server = ThriftServer(echo_thrift.Echo, handler, **options)
+        server.start()
+        handler.name = f"127.0.0.1:{server.port}"  # what whoami() answers
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(drain_timeout=1.0)
 
 
 # -- events ------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import gevent
@@ -24,23 +24,6 @@ from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.zk import ZooKeeperConfig
 from helpers import events_named, wait_until
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., ThriftServer]]:
-    """``serve(**options)`` starts an in-process echo server, stopped after the test."""
-    started: list[ThriftServer] = []
-
-    def start(**options: Any) -> ThriftServer:
-        options.setdefault("deregister_grace", 0.0)
-        server = ThriftServer(echo_thrift.Echo, EchoHandler("test"), **options)
-        server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(drain_timeout=1.0)
 
 
 def client(server: ThriftServer, **options: Any) -> Any:

@@ -1,0 +1,308 @@
+"""ServiceClient and its pools against real servers: replies never cross callers, slots never
+leak, waiters are served in order, dead instances are ejected, idle connections are reaped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+import gevent
+import pytest
+from thriftpy2.thrift import TApplicationException
+
+from geventpool import events
+from geventpool.client import ServiceClient
+from geventpool.errors import (
+    CallTimeoutError,
+    ConfigurationError,
+    InvalidArgumentsError,
+    NoInstancesError,
+    PoolClosedError,
+    PoolExhaustedError,
+    RetriesExhaustedError,
+    TransportError,
+)
+from geventpool.instance import Instance
+from geventpool.pool import PoolSettings
+from geventpool.server import ThriftServer
+from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.processes import ServerProcess
+from geventpool.testing.zookeeper import free_port
+from helpers import events_named, wait_until
+
+
+def at(*servers: ThriftServer) -> list[Instance]:
+    return [Instance(host="127.0.0.1", port=server.port) for server in servers]
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., ServiceClient]]:
+    """``make_client(**options)`` builds a started ServiceClient of Echo, stopped afterwards."""
+    made: list[ServiceClient] = []
+
+    def make(**options: Any) -> ServiceClient:
+        client = ServiceClient(echo_thrift.Echo, "echo", **options)
+        client.start()
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.stop()
+
+
+def settings(**options: Any) -> PoolSettings:
+    return PoolSettings(**{"reap_interval": 0.05, **options})
+
+
+def test_calls_go_through_the_proxy_and_the_explicit_connection(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    server = serve()
+    client = make_client(instances=at(server))
+    assert client.add(40, 2) == 42
+    assert client.call("echo", "hi") == "hi"
+    with client.connection() as pinned:
+        assert pinned.whoami() == pinned.whoami() == f"127.0.0.1:{server.port}"
+    with pytest.raises(AttributeError):
+        client.no_such_method()
+
+
+def test_declared_and_application_exceptions_pass_through_and_keep_the_connection(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    with pytest.raises(echo_thrift.Refused):
+        client.refuse("no")
+    with pytest.raises(TApplicationException):
+        client.crash("boom")
+    assert client.echo("fine") == "fine"
+    [instance] = client.status().instances
+    assert (instance.opened, instance.closed) == (1, 0)
+
+
+def test_a_reply_delayed_past_the_deadline_never_reaches_the_next_caller(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    with pytest.raises(CallTimeoutError) as caught:
+        client.slow_echo("late reply of A", 0.3, timeout=0.1)
+    assert caught.value.method == "slow_echo"
+    for index in range(5):  # the same single slot, so the same instance, every time
+        assert client.echo(f"reply of B{index}") == f"reply of B{index}"
+    gevent.sleep(0.4)  # the late reply has surely been written by now
+    assert client.echo("reply of C") == "reply of C"
+    [instance] = client.status().instances
+    assert instance.closed == 1 and instance.in_use == 0
+
+
+def test_bad_arguments_raise_and_leak_nothing(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    with pytest.raises(InvalidArgumentsError, match="add"):
+        client.add("one", 2)  # fails while being encoded: the connection is closed
+    for bad_call, message in [
+        (lambda: client.add(1, 2, 3), "takes 2 arguments"),
+        (lambda: client.add(1, c=2), "unexpected argument 'c'"),
+        (lambda: client.add(1, a=2), "given twice"),
+    ]:  # found before anything is written: the connection stays
+        with pytest.raises(InvalidArgumentsError, match=message):
+            bad_call()
+    with pytest.raises(TypeError):
+        client.add(2**70, 1)  # InvalidArgumentsError is a TypeError too
+    assert client.add(1, 2) == 3
+    [instance] = client.status().instances
+    assert instance.in_use == 0 and instance.closed == 2
+
+
+def test_ten_thousand_callers_over_ten_connections_are_served_in_arrival_order(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(
+        instances=at(serve()),
+        pool=settings(max_connections=10, min_idle=10, pool_timeout=60.0),
+    )
+    wait_until(lambda: client.status().idle == 10, 5)  # callers wait or take idle ones
+    order: list[int] = []
+    waits: list[float] = []
+
+    def caller(number: int) -> None:
+        started = time.monotonic()
+        with client.connection(timeout=60.0) as pinned:
+            waits.append(time.monotonic() - started)
+            order.append(number)
+            pinned.echo("x")
+
+    started = time.monotonic()
+    callers = [gevent.spawn(caller, number) for number in range(10_000)]
+    gevent.joinall(callers, raise_error=True)
+    elapsed = time.monotonic() - started
+
+    assert len(order) == 10_000
+    assert order == sorted(order)  # first come, first served: nobody overtook anybody
+    status = client.status()
+    assert (status.in_use, status.waiters, status.idle) == (0, 0, 10)
+    print(f"10,000 callers in {elapsed:.2f}s; worst wait {max(waits):.2f}s")
+
+
+def test_exhaustion_raises_with_the_numbers_and_logs_one_event_per_second(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    client = make_client(
+        instances=at(serve(), serve()), pool=settings(max_connections=1, pool_timeout=0.1)
+    )
+    busy = [gevent.spawn(client.slow_echo, "busy", 0.5) for _ in range(2)]
+    gevent.sleep(0.05)
+    failures = []
+    for _ in range(3):
+        with pytest.raises(PoolExhaustedError) as caught:
+            client.echo("no room")
+        failures.append(caught.value)
+    gevent.joinall(busy, raise_error=True)
+
+    error = failures[0]
+    assert (error.service, error.max_connections, error.in_use) == ("echo", 2, 2)
+    assert 0 < error.timeout <= 0.1 + 1e-6
+    assert "add server instances" in str(error)
+    [event] = events_named(captured, events.POOL_EXHAUSTED)
+    assert event["max_connections"] == 2 and len(event["instances"]) == 2
+    assert client.status().exhausted == 3
+    assert client.echo("room again") == "room again"
+
+
+def test_a_failed_connect_is_retried_on_another_instance_and_the_dead_one_is_ejected(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    live = serve()
+    dead = Instance(host="127.0.0.1", port=free_port())
+    client = make_client(
+        instances=[dead, *at(live)], pool=settings(eject_after=2), balancer="round_robin"
+    )
+    answers = {client.whoami() for _ in range(10)}
+    assert answers == {f"127.0.0.1:{live.port}"}
+    dead_status = next(s for s in client.status().instances if s.instance == str(dead))
+    assert dead_status.ejected and dead_status.ejections == 1
+    assert events_named(captured, events.INSTANCE_EJECTED)[0]["instance"] == str(dead)
+
+
+def test_when_every_instance_refuses_the_attempts_are_reported(
+    make_client: Callable[..., ServiceClient],
+) -> None:
+    dead = [Instance(host="127.0.0.1", port=free_port()) for _ in range(3)]
+    client = make_client(instances=dead, retries=2)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        client.echo("anyone?")
+    assert len(caught.value.attempts) == 3
+    assert all(isinstance(a, TransportError) for a in caught.value.attempts)
+
+
+def test_an_ejected_instance_is_tried_again_after_its_backoff_and_restored(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    port = free_port()
+    other = serve()
+    client = make_client(
+        instances=[Instance(host="127.0.0.1", port=port), *at(other)],
+        pool=settings(eject_after=1, eject_backoff=0.2),
+        balancer="round_robin",
+    )
+    for _ in range(4):
+        client.echo("x")  # the closed port fails once and is ejected
+    assert events_named(captured, events.INSTANCE_EJECTED)
+    serve(port=port)  # the instance comes back
+    gevent.sleep(0.3)
+    wait_until(
+        lambda: (
+            {client.whoami() for _ in range(4)} == {f"127.0.0.1:{port}", f"127.0.0.1:{other.port}"}
+        ),
+        5,
+    )
+    assert events_named(captured, events.INSTANCE_RESTORED)
+
+
+def test_idle_connections_are_reaped_down_to_min_idle_after_load_stops(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(
+        instances=at(serve()),
+        pool=settings(max_connections=8, min_idle=2, idle_timeout=0.2),
+    )
+    wait_until(lambda: client.status().idle == 2, 5)  # opened at start
+    gevent.joinall([gevent.spawn(client.slow_echo, "x", 0.1) for _ in range(8)], raise_error=True)
+    assert client.status().idle == 8
+    wait_until(lambda: client.status().idle == 2, 5)
+    [instance] = client.status().instances
+    assert instance.reaped == 6
+
+
+def test_a_server_restarted_while_connections_were_idle_causes_no_failed_call(
+    servers: Callable[..., ServerProcess], make_client: Callable[..., ServiceClient]
+) -> None:
+    port = free_port()
+    first = servers("--port", str(port))
+    client = make_client(
+        instances=[Instance(host="127.0.0.1", port=port)], pool=settings(max_connections=5)
+    )
+    gevent.joinall([gevent.spawn(client.echo, "warm") for _ in range(5)], raise_error=True)
+    assert client.status().idle == 5
+    assert first.terminate() == 0
+    servers("--port", str(port))
+
+    results = [gevent.spawn(client.echo, f"after restart {n}") for n in range(20)]
+    gevent.joinall(results)
+    assert [r.value for r in results] == [f"after restart {n}" for n in range(20)]
+    [instance] = client.status().instances
+    assert instance.failures == 0 and instance.closed >= 5
+
+
+def test_a_stopped_client_refuses_calls(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()))
+    client.stop()
+    with pytest.raises(PoolClosedError):
+        client.echo("late")
+
+
+def test_a_client_with_no_instances_says_so(make_client: Callable[..., ServiceClient]) -> None:
+    with pytest.raises(NoInstancesError):
+        make_client(instances=[]).echo("anyone?")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"instances": [], "zookeeper": "127.0.0.1:1"},
+        {"instances": [], "call_timeout": 0},
+        {"instances": [], "retries": -1},
+        {"instances": [], "balancer": "random"},
+    ],
+)
+def test_invalid_client_options_raise_configuration_error(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        ServiceClient(echo_thrift.Echo, "echo", **options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_connections": 0},
+        {"min_idle": 11},
+        {"pool_timeout": 0},
+        {"idle_timeout": -1},
+        {"lifetime_jitter": 1.0},
+        {"eject_after": 0},
+    ],
+)
+def test_invalid_pool_settings_raise_configuration_error(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        PoolSettings(**options)
