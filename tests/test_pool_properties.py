@@ -1,0 +1,176 @@
+"""Property tests of InstancePool's bookkeeping (a Hypothesis state machine).
+
+Callers acquire, hold, and release (some marking their connection broken); some are killed by
+``gevent.Timeout`` or ``GreenletExit`` at random points: while waiting, while connecting,
+right after being handed a connection, while holding it. Connects are slow and sometimes fail.
+After every step: in use + idle + opening never exceeds the maximum, no idle connection is
+broken or closed, no count is negative. At the end: every slot is back, no caller ever received
+a connection that an earlier caller had broken.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import gevent
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from geventpool.connection import Connection
+from geventpool.errors import ConnectError, PoolExhaustedError
+from geventpool.instance import Instance
+from geventpool.pool import InstancePool, PoolSettings
+
+MAX = 3
+INSTANCE = Instance(host="127.0.0.1", port=9)
+
+
+class PoolMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.connect_delay = 0.0
+        self.connect_fails = False
+        self.peers: list[socket.socket] = []
+        self.pool = InstancePool(
+            "svc",
+            INSTANCE,
+            None,
+            PoolSettings(max_connections=MAX, pool_timeout=0.05, eject_after=10_000),
+            connect=self.connect,
+        )
+        self.callers: list[gevent.Greenlet] = []
+        self.broken: list[Connection] = []  # kept alive, so no id is ever reused
+        self.reused_broken: list[Connection] = []
+
+    def connect(self, instance: Instance, service: Any, **options: Any) -> Connection:
+        gevent.sleep(self.connect_delay)
+        if self.connect_fails:
+            raise ConnectError(str(instance), "refused (by the test)")
+        mine, peer = socket.socketpair()
+        self.peers.append(peer)
+        clock = options["clock"]
+        return Connection(instance, mine, None, clock=clock, expires_at=clock() + 3600)
+
+    def caller(self, hold: float, breaks: bool) -> None:
+        connection = self.pool.acquire(time.monotonic() + 0.2)
+        if any(connection is broken for broken in self.broken):
+            self.reused_broken.append(connection)
+        try:
+            gevent.sleep(hold)
+            if breaks:
+                connection.broken = True
+                self.broken.append(connection)
+        finally:
+            self.pool.release(connection)
+
+    @rule(
+        hold=st.sampled_from([0, 0.001, 0.01, 0.03]),
+        breaks=st.booleans(),
+        kill_after=st.sampled_from([None, 0, 0.001, 0.005, 0.02]),
+    )
+    def start_caller(self, hold: float, breaks: bool, kill_after: float | None) -> None:
+        def run() -> None:
+            try:
+                if kill_after is None:
+                    self.caller(hold, breaks)
+                else:
+                    with gevent.Timeout(kill_after, False):
+                        self.caller(hold, breaks)
+            except (PoolExhaustedError, ConnectError):
+                pass
+
+        self.callers.append(gevent.spawn(run))
+
+    @rule(index=st.integers(0, 50))
+    def kill_a_caller(self, index: int) -> None:
+        if self.callers:
+            self.callers[index % len(self.callers)].kill(block=False)
+
+    @rule(delay=st.sampled_from([0, 0.001, 0.01]), fails=st.booleans())
+    def change_connects(self, delay: float, fails: bool) -> None:
+        self.connect_delay, self.connect_fails = delay, fails
+
+    @rule(seconds=st.sampled_from([0, 0.001, 0.005, 0.02]))
+    def let_time_pass(self, seconds: float) -> None:
+        gevent.sleep(seconds)
+
+    @invariant()
+    def the_cap_holds_and_idle_connections_are_sound(self) -> None:
+        pool = self.pool
+        status = pool.status()
+        assert status.in_use >= 0 and status.opening >= 0 and status.waiters >= 0
+        assert status.in_use + status.idle + status.opening <= MAX
+        for connection in pool._idle:
+            assert not connection.broken and connection.fileno() >= 0
+
+    def teardown(self) -> None:
+        gevent.joinall(self.callers, timeout=5)
+        assert all(caller.dead for caller in self.callers), "a caller deadlocked"
+        status = self.pool.status()
+        assert (status.in_use, status.opening, status.waiters) == (0, 0, 0), status
+        assert status.idle == status.opened - status.closed  # every open connection accounted
+        assert self.reused_broken == []
+        for connection in list(self.pool._idle):
+            connection.close()
+        for peer in self.peers:
+            peer.close()
+
+
+PoolMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_pool_bookkeeping_survives_random_callers_kills_and_failing_connects = PoolMachine.TestCase
+
+
+def _pool_of_one() -> tuple[InstancePool, list[socket.socket]]:
+    peers: list[socket.socket] = []
+
+    def connect(instance: Instance, service: Any, **options: Any) -> Connection:
+        mine, peer = socket.socketpair()
+        peers.append(peer)
+        return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
+
+    settings_ = PoolSettings(max_connections=1, pool_timeout=5.0)
+    return InstancePool("svc", INSTANCE, None, settings_, connect=connect), peers
+
+
+def test_a_waiter_killed_right_after_being_handed_a_connection_passes_it_on() -> None:
+    pool, peers = _pool_of_one()
+    held = pool.acquire(time.monotonic() + 1)
+    waiter = gevent.spawn(pool.acquire, time.monotonic() + 5)
+    gevent.sleep(0.01)
+    assert pool.waiting == 1
+    waiter.kill(block=False)  # the kill is queued first...
+    pool.release(held)  # ...then the connection is handed to the waiter...
+    gevent.sleep(0.01)  # ...which dies holding it, before it could use it
+    assert waiter.dead
+    status = pool.status()
+    assert (status.in_use, status.idle, status.waiters) == (0, 1, 0)
+    assert pool.acquire(time.monotonic() + 1) is held  # still usable, not lost
+    for peer in peers:
+        peer.close()
+
+
+def test_a_waiter_killed_right_after_being_granted_a_slot_gives_it_back() -> None:
+    pool, peers = _pool_of_one()
+    held = pool.acquire(time.monotonic() + 1)
+    waiter = gevent.spawn(pool.acquire, time.monotonic() + 5)
+    gevent.sleep(0.01)
+    held.broken = True
+    waiter.kill(block=False)  # queued first, as above
+    pool.release(held)  # closed; the freed slot is granted to the waiter
+    assert pool.status().opening == 1
+    gevent.sleep(0.01)
+    assert waiter.dead
+    status = pool.status()
+    assert (status.in_use, status.opening, status.idle, status.waiters) == (0, 0, 0, 0)
+    fresh = pool.acquire(time.monotonic() + 1)  # the slot is free again
+    assert fresh is not held
+    for peer in peers:
+        peer.close()
