@@ -1,0 +1,135 @@
+"""The client against registered server processes under load: a SIGKILLed instance costs only
+its calls in flight and is ejected before ZooKeeper notices; a new instance gets calls at once;
+a graceful stop (SIGTERM) costs nothing."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import gevent
+import pytest
+
+from geventpool.client import ServiceClient
+from geventpool.errors import CallTimeoutError, TransportError
+from geventpool.pool import PoolSettings
+from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.processes import ServerProcess
+from helpers import wait_until
+
+
+@dataclass
+class Load:
+    """Greenlets calling whoami() (plus a short sleep) in a loop until stopped."""
+
+    client: ServiceClient
+    seconds_per_call: float = 0.02
+    served: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[float, Exception]] = field(default_factory=list)
+    greenlets: list[gevent.Greenlet] = field(default_factory=list)
+
+    def start(self, callers: int) -> None:
+        self.greenlets = [gevent.spawn(self._loop) for _ in range(callers)]
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.client.call("slow_echo", "x", self.seconds_per_call)
+                self.served[self.client.whoami()] += 1
+            except (TransportError, OSError) as error:
+                self.failures.append((time.monotonic(), error))
+
+    def stop(self) -> None:
+        gevent.killall(self.greenlets, block=True, timeout=5)
+
+
+@pytest.fixture
+def load() -> Iterator[Callable[[ServiceClient], Load]]:
+    running: list[Load] = []
+
+    def make(client: ServiceClient) -> Load:
+        running.append(Load(client))
+        return running[-1]
+
+    yield make
+    for item in running:
+        item.stop()
+
+
+@pytest.fixture
+def client(zk_hosts: str) -> Iterator[ServiceClient]:
+    service_client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        zookeeper=zk_hosts,
+        pool=PoolSettings(max_connections=5, eject_after=3, eject_backoff=30.0),
+        call_timeout=5.0,
+    )
+    service_client.start()
+    yield service_client
+    service_client.stop()
+
+
+@pytest.mark.gevent_timeout(60)
+def test_a_sigkilled_server_costs_only_its_calls_in_flight_and_is_ejected_before_its_znode_goes(
+    zk_hosts: str,
+    servers: Callable[..., ServerProcess],
+    client: ServiceClient,
+    load: Callable[[ServiceClient], Load],
+) -> None:
+    processes = [servers("--zookeeper", zk_hosts, "--session-timeout", "10") for _ in range(3)]
+    victim = processes[0]
+    assert client._membership is not None
+    assert client._membership.wait_for(lambda view: len(view) == 3, 5)
+    running = load(client)
+    running.start(30)
+    gevent.sleep(1.0)
+    assert set(running.served) == {p.address for p in processes}
+
+    killed_at = time.monotonic()
+    victim.kill()
+    wait_until(lambda: any(s.ejected for s in client.status().instances), 5)
+    ejected_after = time.monotonic() - killed_at
+    served_before = sum(running.served.values())
+    gevent.sleep(1.0)
+    running.stop()
+
+    assert victim.address in client._membership.instances  # ZooKeeper has not noticed yet
+    failures = [error for _, error in running.failures]
+    assert failures, "the calls in flight on the killed server should have failed"
+    assert len(failures) <= 5  # at most its max_connections calls were in flight
+    assert not any(isinstance(error, CallTimeoutError) for error in failures)  # failed fast
+    assert all(at - killed_at < 1.0 for at, _ in running.failures)
+    assert sum(running.served.values()) > served_before  # the others kept serving
+    print(f"ejected {ejected_after * 1000:.0f} ms after SIGKILL; {len(failures)} failed calls")
+
+
+@pytest.mark.gevent_timeout(60)
+def test_a_new_server_gets_calls_at_once_and_a_sigtermed_one_costs_no_call(
+    zk_hosts: str,
+    servers: Callable[..., ServerProcess],
+    client: ServiceClient,
+    load: Callable[[ServiceClient], Load],
+) -> None:
+    first = servers("--zookeeper", zk_hosts, "--deregister-grace", "0.3")
+    second = servers("--zookeeper", zk_hosts, "--deregister-grace", "0.3")
+    assert client._membership is not None
+    assert client._membership.wait_for(lambda view: len(view) == 2, 5)
+    running = load(client)
+    running.start(20)
+    gevent.sleep(0.5)
+
+    newcomer = servers("--zookeeper", zk_hosts)
+    joined_at = time.monotonic()
+    wait_until(lambda: running.served[newcomer.address] > 0, 5)
+    first_call_after = time.monotonic() - joined_at
+
+    assert first.terminate(timeout=20) == 0  # deregister, drain, exit
+    gevent.sleep(1.0)
+    running.stop()
+
+    assert running.failures == []
+    assert {s.instance for s in client.status().instances} == {second.address, newcomer.address}
+    print(f"new server's first call {first_call_after * 1000:.0f} ms after it was ready")
