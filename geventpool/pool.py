@@ -18,9 +18,11 @@
   at check-in, never reused.
 * **Local ejection.** ``eject_after`` consecutive failures take the instance out of
   rotation for a back-off that doubles on each ejection in a row (``eject_backoff`` up to
-  ``max_eject_backoff`` seconds); the first success after it restores it.
+  ``max_eject_backoff`` seconds); then it takes one probing call at a time, and the first
+  success restores it.
 * **Retirement.** When the instance leaves the service, no new checkout is served, idle
-  connections close at once, busy ones at check-in, and waiters get PoolClosedError.
+  connections close at once, busy ones at check-in, and waiters get PoolClosedError (as they
+  do when the instance is ejected: the client then tries another).
 
 Everything runs on one gevent hub, so the bookkeeping needs no lock: it only has to avoid
 yielding in the middle of an update, which it does.
@@ -54,6 +56,7 @@ ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
 _OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a connection
 _CANCELLED = object()  # a waiter that left; whoever pops it passes it over
 _SHUT = object()  # the pool retired or closed while the waiter waited
+_EJECTED = object()  # the instance was ejected while the waiter waited: go elsewhere
 
 
 @dataclass(frozen=True)
@@ -304,8 +307,9 @@ class InstancePool:
             raise self.exhausted(timeout)
         if value is _OPEN_SLOT:
             return self._open(deadline)
-        if value is _SHUT:
-            raise PoolClosedError(f"pool of {self.name} is {self.state}")
+        if value is _SHUT or value is _EJECTED:
+            reason = "was ejected" if value is _EJECTED else f"is {self.state}"
+            raise PoolClosedError(f"pool of {self.name} {reason}")
         assert isinstance(value, Connection)
         return value
 
@@ -352,10 +356,14 @@ class InstancePool:
     # -- health --------------------------------------------------------------------------------
 
     def available(self, now: float) -> bool:
-        """Whether the balancer may choose this pool now (active and not ejected)."""
+        """Whether the balancer may choose this pool now: active, and not ejected. Once an
+        ejection's back-off is over the instance is on probation: it takes one call at a time
+        until a success restores it, so a still-dead instance meets no herd of callers."""
         if self.state is not ACTIVE:
             return False
-        return self._ejected_until is None or now >= self._ejected_until
+        if self._ejected_until is None:
+            return True
+        return now >= self._ejected_until and self._in_use + self._opening == 0
 
     def record_success(self) -> None:
         """A call succeeded: the consecutive failures end, an ejection is over."""
@@ -371,7 +379,8 @@ class InstancePool:
         self.last_error = repr(error)
         now = self._clock()
         settings = self._settings
-        if self.failures < settings.eject_after or not self.available(now):
+        probing = self._ejected_until is not None and now >= self._ejected_until
+        if not probing and (self.failures < settings.eject_after or self._ejected_until):
             return
         backoff = min(
             settings.max_eject_backoff, settings.eject_backoff * 2**self._ejections_in_row
@@ -382,6 +391,7 @@ class InstancePool:
         for connection in self._idle:  # they are likely dead too
             self._discard(connection)
         self._idle.clear()
+        self._wake_waiters(_EJECTED)  # they would only try to connect to it: go elsewhere
         events.emit(
             events.INSTANCE_EJECTED,
             "warning",
@@ -445,10 +455,13 @@ class InstancePool:
         for connection in self._idle:
             self._discard(connection)
         self._idle.clear()
+        self._wake_waiters(_SHUT)
+
+    def _wake_waiters(self, reason: object) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.ready():
-                waiter.set(_SHUT)
+                waiter.set(reason)
 
     def descriptors(self) -> list[int]:
         """The descriptors of every open connection, idle or checked out."""

@@ -1,10 +1,18 @@
-"""The geventpool demo: discovery of real Thrift servers through a ZooKeeper it starts itself.
+"""The geventpool demo: one client, many greenlets, servers dying and joining, live.
 
-Run through ``scripts/demo.sh`` (which sets everything up first). It starts ZooKeeper and three
-echo servers that register themselves, watches them with a Membership, calls every discovered
-instance, then: SIGKILLs one (its instance stays until its session times out), starts a new
-one (it joins at once), stops one gracefully with SIGTERM (it leaves at once), and prints a
-summary. Everything it started is stopped at the end, also on Ctrl-C or failure.
+Run through ``scripts/demo.sh`` (which sets everything up first). It starts its own ZooKeeper
+and three echo servers that register themselves, then drives them through one ServiceClient
+with 60 greenlets for about 12 seconds while it:
+
+* SIGKILLs a server (its calls in flight fail, it is ejected at once, long before ZooKeeper's
+  session timeout removes it),
+* starts a new server (it gets calls as soon as it registers),
+* floods the client with 200 slow callers (the pools are exhausted: PoolExhaustedError and a
+  pool_exhausted event),
+
+printing once a second the calls per second, errors by type, each instance's share and pool
+state. Everything it started is stopped at the end, also on Ctrl-C or failure, and a summary
+is printed. Exits 0 when the run behaved as designed.
 """
 
 from __future__ import annotations
@@ -13,64 +21,104 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections import Counter  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import gevent  # noqa: E402
 import structlog  # noqa: E402
-from thriftpy2.rpc import make_client  # noqa: E402
 
-from geventpool.membership import Instances, Membership, MembershipChange  # noqa: E402
+from geventpool.client import ServiceClient  # noqa: E402
+from geventpool.errors import GeventPoolError  # noqa: E402
+from geventpool.pool import PoolSettings  # noqa: E402
 from geventpool.testing.echo_server import echo_thrift  # noqa: E402
 from geventpool.testing.processes import ServerProcess  # noqa: E402
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
-from geventpool.zk import connect  # noqa: E402
 
-SESSION_TIMEOUT = 4.0
+SESSION_TIMEOUT = 6.0
+CALLERS = 60
+FLOOD = 200
 STARTED = time.monotonic()
 
 
+def clock() -> float:
+    return time.monotonic() - STARTED
+
+
 def say(message: str) -> None:
-    print(f"[{time.monotonic() - STARTED:6.2f}s] {message}", flush=True)
+    print(f"[{clock():5.1f}s] {message}", flush=True)
 
 
-def show(view: Instances) -> str:
-    return ", ".join(sorted(view)) or "(none)"
+class Tally:
+    """Calls and errors, per second and in all."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.total_ok = 0
+        self.errors: Counter[str] = Counter()
+        self.total_errors: Counter[str] = Counter()
+        self.share: Counter[str] = Counter()
+        self.first_call: dict[str, float] = {}
+
+    def success(self, instance: str) -> None:
+        self.ok += 1
+        self.share[instance] += 1
+        self.first_call.setdefault(instance, clock())
+
+    def failure(self, error: Exception) -> None:
+        self.errors[type(error).__name__] += 1
+
+    def roll(self) -> tuple[int, Counter[str], Counter[str]]:
+        ok, errors, share = self.ok, self.errors, self.share
+        self.total_ok += ok
+        self.total_errors += errors
+        self.ok, self.errors, self.share = 0, Counter(), Counter()
+        return ok, errors, share
 
 
-def call_everyone(view: Instances) -> dict[str, str]:
-    """Call whoami() on every instance in the view; the answer, or the error, per instance."""
-    answers = {}
-    for name, instance in sorted(view.items()):
-        try:
-            client = make_client(echo_thrift.Echo, instance.host, instance.port, timeout=2000)
-            answers[name] = client.whoami()
-            client.close()
-        except Exception as error:  # noqa: BLE001 - a demo shows errors, it does not stop
-            answers[name] = f"{type(error).__name__}"
-    return answers
+def one_call(client: ServiceClient, tally: Tally, seconds: float) -> None:
+    try:
+        with client.connection() as connection:
+            connection.slow_echo("x", seconds)
+            tally.success(str(connection.instance))
+    except GeventPoolError as error:
+        tally.failure(error)
 
 
-def wait(membership: Membership, what: str, predicate: Callable[[Instances], bool]) -> float:
-    started = time.monotonic()
-    if not membership.wait_for(predicate, timeout=SESSION_TIMEOUT + 10):
-        raise SystemExit(f"demo failed: {what} did not happen")
-    took = time.monotonic() - started
-    say(f"{what} after {took * 1000:.0f} ms; view: {show(membership.instances)}")
-    return took
+def caller(client: ServiceClient, tally: Tally) -> None:
+    while True:
+        one_call(client, tally, 0.01)
+
+
+def report(client: ServiceClient, tally: Tally) -> None:
+    while True:
+        gevent.sleep(1.0)
+        ok, errors, share = tally.roll()
+        total = sum(share.values()) or 1
+        shares = " ".join(
+            f"{name.rsplit(':', 1)[1]}:{100 * n // total}%" for name, n in sorted(share.items())
+        )
+        pools = " ".join(
+            f"{s.instance.rsplit(':', 1)[1]}[{s.in_use}/{s.max_connections} {s.state}]"
+            for s in client.status().instances
+        )
+        failed = ", ".join(f"{name} {n}" for name, n in errors.items()) or "none"
+        say(f"{ok:5d} calls/s | errors: {failed} | share {shares} | pools {pools}")
 
 
 def main() -> int:
     structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
         wrapper_class=structlog.make_filtering_bound_logger(30),  # warnings and errors only
     )
-    figures: dict[str, float] = {}
+    tally = Tally()
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="geventpool-demo-")))
         zookeeper = ZooKeeperServer(folder / "zookeeper")
@@ -89,47 +137,70 @@ def main() -> int:
         servers = [start_server() for _ in range(3)]
         say(f"three echo servers registered: {', '.join(s.address for s in servers)}")
 
-        client = connect(zookeeper.hosts)
-        stack.callback(client.close)
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "echo",
+            zookeeper=zookeeper.hosts,
+            pool=PoolSettings(max_connections=8, pool_timeout=0.2, eject_after=3),
+        )
+        client.start()
         stack.callback(client.stop)
-        membership = Membership(client, "echo", empty_protection=5.0)
-        changes: list[MembershipChange] = []
-        membership.subscribe(changes.append)
-        membership.start()
-        stack.callback(membership.stop)
-        say(f"membership loaded: {show(membership.instances)}")
-        say(f"each instance answers whoami(): {call_everyone(membership.instances)}")
+        say(f"client sees {len(client.status().instances)} instances; {CALLERS} callers start")
+        workers = [gevent.spawn(caller, client, tally) for _ in range(CALLERS)]
+        workers.append(gevent.spawn(report, client, tally))
+        stack.callback(gevent.killall, workers)
 
+        gevent.sleep(2.5)
         victim = servers[0]
+        killed_at = clock()
         victim.kill()
-        say(f"SIGKILL {victim.address}: ZooKeeper keeps its node until the session times out")
-        say(f"calls now: {call_everyone(membership.instances)}")
-        say("(its calls fail at once: the pool of the next release ejects it locally)")
-        figures["killed server left the view (s)"] = wait(
-            membership, f"{victim.address} left", lambda v: victim.address not in v
+        say(
+            f"SIGKILL {victim.address}"
+            f" (its znode stays until its {SESSION_TIMEOUT:.0f}s session ends)"
         )
+        while not any(s.ejected for s in client.status().instances) and clock() < killed_at + 5:
+            gevent.sleep(0.01)
+        ejected_after = clock() - killed_at
+        say(f"{victim.address} ejected by the client {ejected_after * 1000:.0f} ms after the kill")
 
+        gevent.sleep(2.0)
         newcomer = start_server()
-        figures["new server joined the view (ms)"] = 1000 * wait(
-            membership, f"{newcomer.address} joined", lambda v: newcomer.address in v
-        )
+        joined_at = clock()
+        say(f"new server {newcomer.address} registered")
 
-        leaving = servers[1]
-        leaving.signal(signal.SIGTERM)
-        figures["SIGTERM'd server left the view (ms)"] = 1000 * wait(
-            membership, f"{leaving.address} left after SIGTERM", lambda v: leaving.address not in v
+        gevent.sleep(2.0)
+        say(
+            f"{FLOOD} slow callers arrive:"
+            f" more than the {client.status().max_connections} connections"
         )
-        say(f"{leaving.address} drained and exited with code {leaving.wait(30)}")
-        say(f"each instance answers whoami(): {call_everyone(membership.instances)}")
+        flood = [gevent.spawn(one_call, client, tally, 0.3) for _ in range(FLOOD)]
+        gevent.joinall(flood)
+        say("the flood is over")
+        gevent.sleep(3.0)
+        gevent.killall(workers)  # callers first, so that stopping servers fails no call
+        final = client.status()
 
-    say("everything stopped")
     print("\nsummary")
-    print(f"  membership changes seen: {len(changes)}")
-    print(f"  rejected registry entries: {membership.stats.rejected}")
-    for name, value in figures.items():
-        print(f"  {name}: {value:.2f}")
-    print(f"  session timeout of the servers: {SESSION_TIMEOUT:.1f} s")
-    return 0
+    print(f"  successful calls: {tally.total_ok}")
+    print(f"  failed calls by type: {dict(tally.total_errors) or 'none'}")
+    print(f"  killed server ejected after: {ejected_after * 1000:.0f} ms")
+    first = tally.first_call.get(newcomer.address)
+    print(
+        f"  new server's first call: {(first - joined_at) * 1000:.0f} ms after it registered"
+        if first
+        else "  new server got no call"
+    )
+    print(f"  calls refused as exhausted: {final.exhausted}")
+    print("  everything the demo started is stopped")
+    behaved = (
+        tally.total_ok > 0
+        and first is not None
+        and final.exhausted > 0
+        and ejected_after < 5
+        and set(tally.total_errors) <= {"TransportError", "PoolExhaustedError"}
+    )
+    print(f"  verdict: {'as designed' if behaved else 'NOT as designed'}")
+    return 0 if behaved else 1
 
 
 if __name__ == "__main__":

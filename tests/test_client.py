@@ -103,13 +103,14 @@ def test_bad_arguments_raise_and_leak_nothing(
     client = make_client(instances=at(serve()), pool=settings(max_connections=1))
     with pytest.raises(InvalidArgumentsError, match="add"):
         client.add("one", 2)  # fails while being encoded: the connection is closed
-    for bad_call, message in [
-        (lambda: client.add(1, 2, 3), "takes 2 arguments"),
-        (lambda: client.add(1, c=2), "unexpected argument 'c'"),
-        (lambda: client.add(1, a=2), "given twice"),
-    ]:  # found before anything is written: the connection stays
+    bad_calls: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
+        ((1, 2, 3), {}, "takes 2 arguments"),
+        ((1,), {"c": 2}, "unexpected argument 'c'"),
+        ((1,), {"a": 2}, "given twice"),
+    ]
+    for args, kwargs, message in bad_calls:  # found before anything is written
         with pytest.raises(InvalidArgumentsError, match=message):
-            bad_call()
+            client.call("add", *args, **kwargs)
     with pytest.raises(TypeError):
         client.add(2**70, 1)  # InvalidArgumentsError is a TypeError too
     assert client.add(1, 2) == 3
