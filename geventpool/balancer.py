@@ -11,21 +11,35 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from geventpool.errors import ConfigurationError
-from geventpool.pool import InstancePool
+from geventpool.instance import Instance
+
+
+class Candidate(Protocol):
+    """What a balancer reads of a pool (an :class:`~geventpool.pool.InstancePool`)."""
+
+    @property
+    def instance(self) -> Instance: ...
+    @property
+    def in_use(self) -> int: ...
+    @property
+    def waiting(self) -> int: ...
+    def available(self, now: float) -> bool: ...
+    def has_capacity(self) -> bool: ...
+
+
+P = TypeVar("P", bound=Candidate)
 
 
 class Balancer(Protocol):
     """Chooses one of ``pools`` for a call, or None."""
 
-    def choose(
-        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
-    ) -> InstancePool | None: ...
+    def choose(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None: ...
 
 
-def _load(pool: InstancePool) -> float:
+def _load(pool: Candidate) -> float:
     return (pool.in_use + pool.waiting) / pool.instance.weight
 
 
@@ -35,9 +49,7 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def choose(
-        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
-    ) -> InstancePool | None:
+    def choose(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None:
         count = len(pools)
         for _ in range(count):
             self._next = (self._next + 1) % count
@@ -53,9 +65,7 @@ class LeastInUse:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._random = rng or random.Random()
 
-    def choose(
-        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
-    ) -> InstancePool | None:
+    def choose(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None:
         count = len(pools)
         if count == 0:
             return None
@@ -73,14 +83,12 @@ class LeastInUse:
             return second
         return self._scan(pools, now, tried)
 
-    def _scan(
-        self, pools: Sequence[InstancePool], now: float, tried: Collection[InstancePool]
-    ) -> InstancePool | None:
+    def _scan(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None:
         """Any pool with room (from a random start, so none is favoured), else the least
         loaded available one."""
         count = len(pools)
         start = self._random.randrange(count)
-        best: InstancePool | None = None
+        best: P | None = None
         for offset in range(count):
             pool = pools[(start + offset) % count]
             if not pool.available(now) or pool in tried:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import gevent
@@ -15,6 +16,7 @@ import pytest
 from geventpool.client import ServiceClient
 from geventpool.errors import CallTimeoutError, TransportError
 from geventpool.pool import PoolSettings
+from geventpool.server import Registration, ThriftServer
 from geventpool.testing.echo_server import echo_thrift
 from geventpool.testing.processes import ServerProcess
 from helpers import wait_until
@@ -133,3 +135,34 @@ def test_a_new_server_gets_calls_at_once_and_a_sigtermed_one_costs_no_call(
     assert running.failures == []
     assert {s.instance for s in client.status().instances} == {second.address, newcomer.address}
     print(f"new server's first call {first_call_after * 1000:.0f} ms after it was ready")
+
+
+def test_a_leaving_instance_gets_no_new_calls_and_its_busy_connection_closes_at_check_in(
+    zk_hosts: str, serve: Callable[..., ThriftServer], client: ServiceClient
+) -> None:
+    staying = serve(registration=Registration(zookeeper=zk_hosts, service="echo"))
+    leaving = serve(registration=Registration(zookeeper=zk_hosts, service="echo"))
+    assert client._membership is not None
+    assert client._membership.wait_for(lambda view: len(view) == 2, 5)
+    leaving_name = f"127.0.0.1:{leaving.port}"
+    pool = next(p for p in client._pools.values() if p.name == leaving_name)
+
+    with ExitStack() as borrowed:
+        in_flight = None
+        for _ in range(50):  # borrow until a connection to the leaving instance comes up
+            pinned = borrowed.enter_context(client.connection())
+            if str(pinned.instance) == leaving_name:
+                in_flight = gevent.spawn(pinned.slow_echo, "finishing", 0.5)
+                break
+        assert in_flight is not None, "never got a connection to the leaving instance"
+        gevent.sleep(0.05)
+
+        assert leaving.registrar is not None
+        leaving.registrar.stop()  # it leaves the registry; the server itself keeps serving
+        assert client._membership.wait_for(lambda view: leaving_name not in view, 5)
+        assert pool.state == "retired" and pool.status().idle == 0
+
+        assert in_flight.get(timeout=5) == "finishing"  # the call in flight completed
+    assert pool.status().in_use == 0 and pool.descriptors() == []  # closed at check-in
+    answers = {client.whoami() for _ in range(20)}
+    assert answers == {f"127.0.0.1:{staying.port}"}  # no new calls to it

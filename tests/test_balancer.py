@@ -1,0 +1,92 @@
+"""Balancers: round robin cycles; least-in-use (power of two choices) prefers the less loaded
+per weight and a pool with room; both skip unavailable and already tried pools."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+
+from geventpool.balancer import LeastInUse, RoundRobin, make_balancer
+from geventpool.errors import ConfigurationError
+from geventpool.instance import Instance
+
+
+@dataclass(eq=False)
+class StubPool:
+    """What a balancer reads of a pool."""
+
+    port: int
+    in_use: int = 0
+    waiting: int = 0
+    up: bool = True
+    room: bool = True
+    weight: float = 1.0
+    instance: Instance = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.instance = Instance(host="127.0.0.1", port=self.port, weight=self.weight)
+
+    def available(self, now: float) -> bool:
+        return self.up
+
+    def has_capacity(self) -> bool:
+        return self.room
+
+
+def pools(*stubs: StubPool) -> list[StubPool]:
+    return list(stubs)
+
+
+def test_round_robin_cycles_and_skips_unavailable_and_tried() -> None:
+    a, b, c = StubPool(1), StubPool(2, up=False), StubPool(3)
+    balancer = RoundRobin()
+    chosen = [balancer.choose(pools(a, b, c), 0.0, []) for _ in range(4)]
+    assert chosen == [c, a, c, a]
+    assert balancer.choose(pools(a, b, c), 0.0, [a]) is c
+    assert balancer.choose(pools(b), 0.0, []) is None
+
+
+def test_least_in_use_spreads_evenly_when_loads_are_equal() -> None:
+    stubs = [StubPool(port) for port in (1, 2, 3)]
+    balancer = LeastInUse(random.Random(7))
+    counts = Counter(balancer.choose(pools(*stubs), 0.0, []) for _ in range(3000))
+    assert all(900 < counts[stub] < 1100 for stub in stubs), counts
+
+
+def test_least_in_use_prefers_the_less_loaded_per_weight() -> None:
+    busy, idle, heavy = (
+        StubPool(1, in_use=8),
+        StubPool(2, in_use=1),
+        StubPool(3, in_use=6, weight=10),
+    )
+    balancer = LeastInUse(random.Random(3))
+    counts = Counter(balancer.choose(pools(busy, idle, heavy), 0.0, []) for _ in range(1000))
+    assert counts[busy] < counts[idle] and counts[busy] < counts[heavy]
+
+
+def test_least_in_use_finds_a_pool_with_room_when_the_samples_are_full() -> None:
+    full = [StubPool(port, in_use=5, room=False) for port in range(1, 10)]
+    roomy = StubPool(10, in_use=9)
+    balancer = LeastInUse(random.Random(1))
+    assert all(balancer.choose(pools(*full, roomy), 0.0, []) is roomy for _ in range(50))
+
+
+def test_least_in_use_settles_for_the_least_loaded_when_all_are_full() -> None:
+    a, b = StubPool(1, in_use=9, room=False), StubPool(2, in_use=4, room=False)
+    assert LeastInUse(random.Random(2)).choose(pools(a, b), 0.0, []) is b
+
+
+def test_least_in_use_skips_unavailable_and_tried_and_may_find_none() -> None:
+    down, tried, fine = StubPool(1, up=False), StubPool(2), StubPool(3, in_use=3)
+    balancer = LeastInUse(random.Random(5))
+    assert all(balancer.choose(pools(down, tried, fine), 0.0, [tried]) is fine for _ in range(50))
+    assert balancer.choose(pools(down), 0.0, []) is None
+    assert balancer.choose([], 0.0, []) is None
+
+
+def test_unknown_balancer_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="round_robin"):
+        make_balancer("fastest")
