@@ -307,3 +307,28 @@ def test_invalid_client_options_raise_configuration_error(options: dict[str, Any
 def test_invalid_pool_settings_raise_configuration_error(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         PoolSettings(**options)
+
+
+def test_connections_are_retired_after_their_lifetime_and_replaced(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(
+        instances=at(serve()),
+        pool=settings(max_connections=2, min_idle=2, max_lifetime=0.3, lifetime_jitter=0.5),
+    )
+    wait_until(lambda: client.status().idle == 2, 5)
+    first = {c.fileno() for pool in client._pools.values() for c in pool._idle}
+    wait_until(lambda: client.status().instances[0].closed >= 2, 5)  # retired by the reaper
+    wait_until(lambda: client.status().idle == 2, 5)  # and min_idle restored
+    assert client.echo("still fine") == "still fine"
+    assert client.status().instances[0].opened >= 4 and first
+
+
+def test_pre_ping_checks_an_idle_connection_before_handing_it_out(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    server = serve()
+    client = make_client(instances=at(server), pool=settings(max_connections=1, pre_ping="whoami"))
+    for _ in range(5):
+        client.echo("x")
+    assert server.stats.calls == 5 + 4  # a fresh connection is not pinged, a reused one is
