@@ -24,6 +24,8 @@ setup(
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6.100",
+            "aiosmtpd>=1.4",
+            "trustme>=1.1",
             "mypy>=1.10",
             "ruff>=0.5",
         ],

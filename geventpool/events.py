@@ -12,6 +12,7 @@ client was built still applies, and ``structlog.testing.capture_logs`` sees ever
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -42,6 +43,8 @@ INSTANCE_REJECTED = "instance_rejected"
 EMPTY_PROTECTION_ENGAGED = "empty_protection_engaged"
 EMPTY_PROTECTION_CLEARED = "empty_protection_cleared"
 EMPTY_PROTECTION_EXPIRED = "empty_protection_expired"
+SERVICE_UNAVAILABLE = "service_unavailable"
+SERVICE_AVAILABLE = "service_available"
 
 # Pool and client
 POOL_EXHAUSTED = "pool_exhausted"
@@ -51,6 +54,13 @@ CONNECTION_REAPED = "connection_reaped"
 CLIENT_STARTED = "client_started"
 CLIENT_STOPPED = "client_stopped"
 CLIENT_REBUILT_AFTER_FORK = "client_rebuilt_after_fork"
+
+# Alerting
+ALERT = "alert"
+ALERT_SUPPRESSED = "alert_suppressed"
+ALERT_QUEUE_FULL = "alert_queue_full"
+ALERT_DELIVERY_FAILED = "alert_delivery_failed"
+ALERT_DROPPED = "alert_dropped"
 
 # Thrift server
 SERVER_STARTED = "server_started"
@@ -62,13 +72,33 @@ SERVER_CONNECTION_ERROR = "server_connection_error"
 SERVER_DRAIN_TIMEOUT = "server_drain_timeout"
 
 
-def emit(event: str, level: str = "info", **fields: Any) -> None:
-    """Log ``event`` at ``level`` (``debug``, ``info``, ``warning``, ``error``) with ``fields``.
+Listener = Callable[[str, str, Mapping[str, Any]], None]
+_listeners: list[Listener] = []
 
-    Never raises: a broken log configuration must not break a watcher or a call.
+
+def add_listener(listener: Listener) -> Callable[[], None]:
+    """Call ``listener(event, level, fields)`` for every event from now on; returns a remover.
+
+    Listeners run in the emitting greenlet, often a caller's: they must only record or
+    enqueue, never block (the alerter puts the event in a bounded queue and returns).
+    """
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener) if listener in _listeners else None
+
+
+def emit(event: str, level: str = "info", **fields: Any) -> None:
+    """Log ``event`` at ``level`` (``debug``, ``info``, ``warning``, ``error``) with ``fields``,
+    then pass it to every listener.
+
+    Never raises: a broken log configuration or listener must not break a watcher or a call.
     """
     try:
         logger = structlog.get_logger(LOGGER_NAME)
         getattr(logger, level)(event, **fields)
     except Exception as error:  # noqa: BLE001 - logging must never take the runtime down
         sys.stderr.write(f"geventpool: could not log {event!r}: {error!r}\n")
+    for listener in _listeners:
+        try:
+            listener(event, level, fields)
+        except Exception as error:  # noqa: BLE001
+            sys.stderr.write(f"geventpool: event listener failed on {event!r}: {error!r}\n")

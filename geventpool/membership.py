@@ -185,6 +185,8 @@ class Membership:
             instances=len(self._instances),
             rejected=len(self._rejected),
         )
+        if not self._instances:
+            events.emit(events.SERVICE_UNAVAILABLE, "error", service=self._service, path=self._path)
 
     def stop(self) -> None:
         """Stop watching; the last view stays readable. Idempotent."""
@@ -307,6 +309,10 @@ class Membership:
         ):
             for inst in items:
                 events.emit(name, service=self._service, instance=str(inst), node=inst.id)
+        if previous and not current:
+            events.emit(events.SERVICE_UNAVAILABLE, "error", service=self._service, path=self._path)
+        elif current and not previous and self._loaded.is_set():
+            events.emit(events.SERVICE_AVAILABLE, service=self._service, instances=len(current))
         changed, self._changed = self._changed, gevent.event.Event()
         changed.set()
         change = MembershipChange(joined, left, updated, self._instances)
