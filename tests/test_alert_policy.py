@@ -3,6 +3,7 @@ the rate limit."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -32,7 +33,7 @@ def policy(**settings: Any) -> AlertPolicy:
 
 
 def run(
-    policy: AlertPolicy, script: list[tuple[float, str | None, dict[str, Any]]]
+    policy: AlertPolicy, script: Sequence[tuple[float, str | None, Mapping[str, Any]]]
 ) -> list[tuple[float, str, str, int]]:
     """Feed (time, event or None for a tick, fields); return (time, status, condition, repeat)."""
     told: list[tuple[float, str, str, int]] = []

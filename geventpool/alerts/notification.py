@@ -42,6 +42,11 @@ class Notification:
         return f"[geventpool] {state} {self.condition}: {what}"
 
     @property
+    def short(self) -> str:
+        """The summary and when it started: one line for an SMS."""
+        return f"{self.summary} since {_stamp(self.since)}"
+
+    @property
     def text(self) -> str:
         """The whole message: what, where, since when, the numbers, what to do."""
         lines = [
