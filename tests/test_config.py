@@ -1,0 +1,144 @@
+"""Configuration: the example file loads; every mistake is a ConfigurationError naming the key;
+secrets come from the environment or files and never show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from geventpool.alerts.channels import LogChannel, SmsChannel, SmtpChannel, WebhookChannel
+from geventpool.config import load_config, parse_config
+from geventpool.errors import ConfigurationError
+
+EXAMPLE = Path(__file__).parent.parent / "conf" / "geventpool.toml"
+SECRETS = {
+    "GEVENTPOOL_SMTP_PASSWORD": "smtp-pass-5f3a9",
+    "GEVENTPOOL_SLACK_WEBHOOK_URL": "https://hooks.slack.example/services/T0/B0/tok3n9e8",
+    "GEVENTPOOL_DINGTALK_WEBHOOK_URL": "https://oapi.dingtalk.example/robot/send?access_token=dt4k7",
+    "GEVENTPOOL_DINGTALK_SECRET": "SECdingsign77",
+    "GEVENTPOOL_SMS_TOKEN": "Bearer sms-t0ken-91",
+}
+
+
+def test_the_example_configuration_loads_with_every_channel() -> None:
+    config = load_config(EXAMPLE, SECRETS)
+    assert config.zookeeper is not None and config.zookeeper.hosts == "127.0.0.1:2181"
+    calc = config.services["calc"]
+    assert (calc.pool.max_connections, calc.pool.min_idle, calc.balancer) == (10, 2, "least_in_use")
+    assert config.alerts.rate_limit == 20
+    kinds = [type(channel) for channel in config.channels]
+    assert kinds == [LogChannel, SmtpChannel, WebhookChannel, WebhookChannel, SmsChannel]
+    assert config.alerter().workers[1].channel is config.channels[1]
+
+
+def test_no_secret_shows_in_the_repr_of_the_configuration() -> None:
+    shown = repr(load_config(EXAMPLE, SECRETS))
+    shown += "".join(repr(c) + c.name for c in load_config(EXAMPLE, SECRETS).channels)
+    for secret in SECRETS.values():
+        assert secret not in shown
+    assert "hooks.slack.example" in shown  # the host is fine to show
+
+
+def base(**alerts: Any) -> dict[str, Any]:
+    return {"alerts": {"channels": [{"type": "log"}], **alerts}}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"zookeeper": {"hosts": "h:1", "colour": "red"}}, "unknown key zookeeper.colour"),
+        (
+            {"services": {"calc": {"pool": {"max_conections": 5}}}},
+            "unknown key services.calc.pool.max_conections",
+        ),
+        (
+            {"services": {"calc": {"pool": {"max_connections": "ten"}}}},
+            "services.calc.pool.max_connections must be int",
+        ),
+        (
+            {"services": {"calc": {"call_timeout": True}}},
+            "services.calc.call_timeout must be float",
+        ),
+        ({"zookeeper": {}}, "zookeeper.hosts is required"),
+        (base(rate_limit=0), "rate_limit must be an integer >= 1"),
+        (
+            {"alerts": {"channels": [{"type": "pager"}]}},
+            "alerts.channels[0].type must be log, smtp",
+        ),
+        (
+            {"alerts": {"channels": [{"type": "webhook", "url": "ftp://x/y"}]}},
+            "webhook url must be an http(s) URL",
+        ),
+        (
+            {"alerts": {"channels": [{"type": "webhook", "url_env": "NOPE"}]}},
+            "environment variable NOPE is not set",
+        ),
+        ({"alerts": {"channels": [{"type": "webhook"}]}}, "alerts.channels[0].url is required"),
+        (
+            {
+                "alerts": {
+                    "channels": [
+                        {
+                            "type": "smtp",
+                            "host": "h",
+                            "port": 25,
+                            "sender": "a@b",
+                            "recipients": ["c@d"],
+                            "username": "u",
+                            "password": "hunter22",
+                        }
+                    ]
+                }
+            },
+            "secrets are not written in the file",
+        ),
+        (
+            {"alerts": {"channels": [{"type": "webhook", "url": "http://h/x", "preset": "teams"}]}},
+            "preset must be one of",
+        ),
+        (
+            {
+                "alerts": {
+                    "channels": [
+                        {
+                            "type": "sms",
+                            "url": "http://h/x",
+                            "recipients": ["1"],
+                            "template": "$who",
+                        }
+                    ]
+                }
+            },
+            "sms template",
+        ),
+    ],
+)
+def test_each_mistake_is_a_configuration_error_naming_the_key(
+    data: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        parse_config(data, {}, Path("."))
+    assert message in str(caught.value)
+    assert "hunter22" not in str(caught.value)
+
+
+def test_secrets_are_read_from_files_relative_to_the_configuration(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("  https://chat.example/hook?token=f1lesecret\n")
+    (tmp_path / "geventpool.toml").write_text(
+        '[[alerts.channels]]\ntype = "webhook"\npreset = "wecom"\nurl_file = "token"\n'
+    )
+    [channel] = load_config(tmp_path / "geventpool.toml", {}).channels
+    assert isinstance(channel, WebhookChannel)
+    url = channel.secrets()[0]
+    assert url is not None and url.reveal() == "https://chat.example/hook?token=f1lesecret"
+    assert "f1lesecret" not in repr(channel)
+
+
+def test_an_unreadable_or_invalid_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[alerts\n")
+    with pytest.raises(ConfigurationError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
