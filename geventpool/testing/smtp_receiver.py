@@ -29,8 +29,9 @@ from geventpool.testing.zookeeper import free_port
 class Recorder:
     """Writes every accepted message to the folder as JSON."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, implicit_tls: bool) -> None:
         self.folder = folder
+        self.implicit_tls = implicit_tls  # SMTPS: every session is encrypted from the start
         self.count = 0
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
@@ -42,7 +43,7 @@ class Recorder:
             "recipients": list(envelope.rcpt_tos),
             "subject": str(message["Subject"]),
             "body": body.get_content() if body is not None else "",
-            "tls": session.ssl is not None,
+            "tls": self.implicit_tls or session.ssl is not None,
             "authenticated": bool(session.authenticated),
         }
         target = self.folder / f"{self.count:04d}.json"
@@ -85,10 +86,10 @@ def main() -> int:
         options.update(
             authenticator=authenticate,
             auth_required=True,
-            auth_require_tls=args.security != "none",
+            auth_require_tls=args.security == "starttls",  # SMTPS is TLS from the start
         )
     controller = Controller(
-        Recorder(args.folder),
+        Recorder(args.folder, implicit_tls=args.security == "ssl"),
         hostname="127.0.0.1",
         port=free_port(),
         ssl_context=context if args.security == "ssl" else None,
