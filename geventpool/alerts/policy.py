@@ -35,12 +35,12 @@ class AlertSettings:
     """The alerter's settings; durations in float seconds.
 
     ``resolve_after`` must be longer than the interval at which a self-reporting condition
-    reports itself (a client reports exhaustion at most once a second), or the condition would
-    resolve between two reports. ``queue_size`` bounds the events waiting for the alerter
-    (more are dropped and counted); ``channel_queue_size`` the notifications waiting for each
-    channel; ``delivery_timeout`` bounds one delivery attempt, ``retries`` more attempts follow a failed one after
-    ``retry_backoff`` seconds, doubled each time; ``tick`` is how often time-based rules are
-    checked.
+    reports itself (a client reports exhaustion at most once a second), or the condition
+    would resolve between two reports. ``queue_size`` bounds the events waiting for the
+    alerter (more are dropped and counted); ``channel_queue_size`` the notifications waiting
+    for each channel. ``delivery_timeout`` bounds one delivery attempt; ``retries`` more
+    attempts follow a failed one, after ``retry_backoff`` seconds doubled each time. ``tick``
+    is how often the time-based rules are checked.
     """
 
     rate_limit: int = 20
