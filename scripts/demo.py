@@ -7,8 +7,8 @@ with 60 greenlets for about 12 seconds while it:
 * SIGKILLs a server (its calls in flight fail, it is ejected at once, long before ZooKeeper's
   session timeout removes it),
 * starts a new server (it gets calls as soon as it registers),
-* floods the client with 200 slow callers (the pools are exhausted: PoolExhaustedError and a
-  pool_exhausted event),
+* floods the client with 200 slow callers (the pools are exhausted: PoolExhaustedError, a
+  pool_exhausted event, and an alert to the operators' webhook, resolved once the flood ends),
 
 printing once a second the calls per second, errors by type, each instance's share and pool
 state. Everything it started is stopped at the end, also on Ctrl-C or failure, and a summary
@@ -31,10 +31,15 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 import structlog  # noqa: E402
 
+from geventpool.alerts.alerter import Alerter  # noqa: E402
+from geventpool.alerts.channels import WebhookChannel  # noqa: E402
+from geventpool.alerts.policy import AlertSettings  # noqa: E402
 from geventpool.client import ServiceClient  # noqa: E402
 from geventpool.errors import GeventPoolError  # noqa: E402
 from geventpool.pool import PoolSettings  # noqa: E402
+from geventpool.secret import Secret  # noqa: E402
 from geventpool.testing.echo_server import echo_thrift  # noqa: E402
+from geventpool.testing.http_receiver import HttpReceiver  # noqa: E402
 from geventpool.testing.processes import ServerProcess  # noqa: E402
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
 
@@ -109,6 +114,15 @@ def report(client: ServiceClient, tally: Tally) -> None:
         say(f"{ok:5d} calls/s | errors: {failed} | share {shares} | pools {pools}")
 
 
+def show_alerts(webhook: HttpReceiver) -> None:
+    seen = 0
+    while True:
+        gevent.sleep(0.05)
+        for request in webhook.requests[seen:]:
+            say(f"ALERT delivered: {request.json()['summary']}")
+        seen = len(webhook.requests)
+
+
 def main() -> int:
     structlog.configure(
         processors=[
@@ -136,6 +150,17 @@ def main() -> int:
 
         servers = [start_server() for _ in range(3)]
         say(f"three echo servers registered: {', '.join(s.address for s in servers)}")
+
+        webhook = HttpReceiver().start()  # stands in for the operators' chat or pager
+        stack.callback(webhook.stop)
+        alerter = Alerter(
+            [WebhookChannel(Secret(webhook.url("/alerts")), "json")],
+            AlertSettings(resolve_after=2.0, tick=0.1),
+        ).start()
+        stack.callback(alerter.stop)
+        workers_alerts = gevent.spawn(show_alerts, webhook)
+        stack.callback(workers_alerts.kill)
+        say(f"alerts go to a webhook at {webhook.url('/alerts')}")
 
         client = ServiceClient(
             echo_thrift.Echo,
@@ -179,6 +204,7 @@ def main() -> int:
         gevent.sleep(3.0)
         gevent.killall(workers)  # callers first, so that stopping servers fails no call
         final = client.status()
+        alerts = [request.json() for request in webhook.requests]
 
     print("\nsummary")
     print(f"  successful calls: {tally.total_ok}")
@@ -191,6 +217,8 @@ def main() -> int:
         else "  new server got no call"
     )
     print(f"  calls refused as exhausted: {final.exhausted}")
+    told = [(a["status"], a["condition"]) for a in alerts]
+    print(f"  alerts delivered to the webhook: {told}")
     print("  everything the demo started is stopped")
     behaved = (
         tally.total_ok > 0
@@ -198,6 +226,8 @@ def main() -> int:
         and final.exhausted > 0
         and ejected_after < 5
         and set(tally.total_errors) <= {"TransportError", "PoolExhaustedError"}
+        and ("firing", "pool_exhausted") in told
+        and ("resolved", "pool_exhausted") in told
     )
     print(f"  verdict: {'as designed' if behaved else 'NOT as designed'}")
     return 0 if behaved else 1

@@ -18,6 +18,7 @@ from typing import Any
 import gevent
 import pytest
 import trustme
+from kazoo.client import KazooClient
 
 from geventpool import events
 from geventpool.alerts.alerter import Alerter
@@ -38,6 +39,7 @@ from geventpool.pool import PoolSettings
 from geventpool.secret import Secret
 from geventpool.server import ThriftServer
 from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.faults import TcpProxy
 from geventpool.testing.http_receiver import HttpReceiver
 from geventpool.testing.zookeeper import free_port
 from helpers import events_named, wait_until
@@ -381,3 +383,24 @@ def test_no_secret_appears_in_any_log_line_or_error(
     assert "authentication" in logged.lower() or "535" in logged  # the SMTP refusal is logged
     for secret in secrets:
         assert secret not in logged
+
+
+@pytest.mark.gevent_timeout(60)
+def test_zookeeper_unreachable_past_its_grace_is_told_then_resolved_on_reconnect(
+    zk_proxy: TcpProxy,
+    chroot: str,
+    clients: Callable[..., KazooClient],
+    alerter: Callable[..., Alerter],
+) -> None:
+    received: list[Notification] = []
+    alerter(CallableChannel(received.append), zookeeper_grace=0.5)
+    client = clients(zk_proxy.address + chroot, session_timeout=3.0)
+    zk_proxy.blackhole()
+    wait_until(lambda: not client.connected, 10)
+    lost_at = time.monotonic()
+    wait_until(lambda: received, 10)
+    assert received[0].condition == "zookeeper_unreachable" and received[0].status == "firing"
+    assert time.monotonic() - lost_at >= 0.4  # not before its grace
+    zk_proxy.restore()
+    wait_until(lambda: len(received) == 2, 15)
+    assert received[1].status == "resolved"
