@@ -168,6 +168,18 @@ def _post(
         return data
 
 
+def _revealed(headers: Mapping[str, str | Secret], content_type: str) -> dict[str, str]:
+    """The request headers, secrets revealed, with ``Content-Type``."""
+    plain = {"Content-Type": content_type}
+    for key, value in headers.items():
+        plain[key] = value.reveal() if isinstance(value, Secret) else value
+    return plain
+
+
+def _secrets_of(headers: Mapping[str, str | Secret]) -> list[Secret]:
+    return [value for value in headers.values() if isinstance(value, Secret)]
+
+
 def _chat_markdown(notification: Notification) -> str:
     return f"**{notification.summary}**\n\n" + notification.text.split("\n", 2)[-1].replace(
         "\n", "\n\n"
@@ -213,9 +225,7 @@ class WebhookChannel:
 
     def send(self, notification: Notification, timeout: float) -> None:
         body = json.dumps(_body(self._preset, notification)).encode()
-        headers = {"Content-Type": "application/json; charset=utf-8"}
-        for key, value in self._headers.items():
-            headers[key] = value.reveal() if isinstance(value, Secret) else value
+        headers = _revealed(self._headers, "application/json; charset=utf-8")
         answer = _post(self._signed_url(), body, headers, timeout=timeout, context=self._context)
         if self._preset in ("dingtalk", "wecom"):
             try:
@@ -238,8 +248,7 @@ class WebhookChannel:
         return f"{url}{'&' if '?' in url else '?'}timestamp={timestamp}&sign={sign}"
 
     def secrets(self) -> tuple[Secret | None, ...]:
-        header_secrets = [v for v in self._headers.values() if isinstance(v, Secret)]
-        return (self._url, self._sign_secret, *header_secrets)
+        return (self._url, self._sign_secret, *_secrets_of(self._headers))
 
     def __repr__(self) -> str:
         return f"WebhookChannel({self.name})"
@@ -284,9 +293,7 @@ class SmsChannel:
             quote = lambda value: json.dumps(value)[1:-1]  # noqa: E731
         else:
             quote = urllib.parse.quote_plus
-        headers = {"Content-Type": self._content_type}
-        for key, value in self._headers.items():
-            headers[key] = value.reveal() if isinstance(value, Secret) else value
+        headers = _revealed(self._headers, self._content_type)
         for recipient in self._recipients:
             body = string.Template(self._template).substitute(
                 to=quote(recipient),
@@ -304,7 +311,7 @@ class SmsChannel:
             )
 
     def secrets(self) -> tuple[Secret | None, ...]:
-        return (self._url, *[v for v in self._headers.values() if isinstance(v, Secret)])
+        return (self._url, *_secrets_of(self._headers))
 
     def __repr__(self) -> str:
         return f"SmsChannel({self.name}, to={len(self._recipients)} recipients)"
