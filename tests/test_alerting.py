@@ -404,3 +404,15 @@ def test_zookeeper_unreachable_past_its_grace_is_told_then_resolved_on_reconnect
     zk_proxy.restore()
     wait_until(lambda: len(received) == 2, 15)
     assert received[1].status == "resolved"
+
+
+def test_an_overflowing_queue_drops_and_counts_and_never_blocks_the_emitter(
+    alerter: Callable[..., Alerter], captured: list[MutableMapping[str, Any]]
+) -> None:
+    received: list[Notification] = []
+    alerts = alerter(CallableChannel(received.append), queue_size=5)
+    for number in range(50):  # no yield in between: the alerter cannot drain meanwhile
+        events.emit(events.SERVICE_UNAVAILABLE, "error", service=f"s{number}")
+    assert alerts.dropped_events == 45
+    assert len(events_named(captured, events.ALERT_QUEUE_FULL)) == 1  # one line a second
+    wait_until(lambda: len(received) == 5, 5)  # the five queued ones are delivered
