@@ -440,9 +440,12 @@ class PinnedConnection:
 
         def remote(*args: Any, **kwargs: Any) -> Any:
             try:
-                return self._connection.call(method, args, kwargs, self._clock() + self._limit)
+                result = self._connection.call(method, args, kwargs, self._clock() + self._limit)
             except TransportError as error:
                 self._pool.record_failure(error)
                 raise
+            if self._pool.failures:
+                self._pool.record_success()
+            return result
 
         return remote

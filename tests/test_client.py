@@ -332,3 +332,24 @@ def test_pre_ping_checks_an_idle_connection_before_handing_it_out(
     for _ in range(5):
         client.echo("x")
     assert server.stats.calls == 5 + 4  # a fresh connection is not pinged, a reused one is
+
+
+def test_a_probe_through_a_borrowed_connection_restores_an_ejected_instance(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    port = free_port()
+    client = make_client(
+        instances=[Instance(host="127.0.0.1", port=port)],
+        pool=settings(eject_after=1, eject_backoff=0.1),
+        retries=0,
+    )
+    with pytest.raises(RetriesExhaustedError):
+        client.echo("nobody there")  # ejected
+    serve(port=port)
+    gevent.sleep(0.15)
+    with client.connection() as pinned:
+        assert pinned.echo("probe") == "probe"
+    assert events_named(captured, events.INSTANCE_RESTORED)
+    assert not client.status().instances[0].ejected
