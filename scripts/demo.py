@@ -38,7 +38,7 @@ from geventpool.client import ServiceClient  # noqa: E402
 from geventpool.errors import GeventPoolError  # noqa: E402
 from geventpool.pool import PoolSettings  # noqa: E402
 from geventpool.secret import Secret  # noqa: E402
-from geventpool.testing.echo_server import echo_thrift  # noqa: E402
+from geventpool.testing.echo import echo_thrift  # noqa: E402
 from geventpool.testing.http_receiver import HttpReceiver  # noqa: E402
 from geventpool.testing.processes import ServerProcess  # noqa: E402
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402

@@ -32,7 +32,7 @@ import structlog
 from kazoo.client import KazooClient
 
 from geventpool.server import ThriftServer
-from geventpool.testing.echo_server import EchoHandler, echo_thrift
+from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer

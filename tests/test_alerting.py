@@ -38,7 +38,7 @@ from geventpool.instance import Instance
 from geventpool.pool import PoolSettings
 from geventpool.secret import Secret
 from geventpool.server import ThriftServer
-from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.echo import echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.http_receiver import HttpReceiver
 from geventpool.testing.zookeeper import free_port

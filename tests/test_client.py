@@ -26,7 +26,7 @@ from geventpool.errors import (
 from geventpool.instance import Instance
 from geventpool.pool import PoolSettings
 from geventpool.server import ThriftServer
-from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import free_port
 from helpers import events_named, wait_until

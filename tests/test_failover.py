@@ -17,7 +17,7 @@ from geventpool.client import ServiceClient
 from geventpool.errors import CallTimeoutError, TransportError
 from geventpool.pool import PoolSettings
 from geventpool.server import Registration, ThriftServer
-from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
 from helpers import wait_until
 

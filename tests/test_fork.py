@@ -13,7 +13,7 @@ import pytest
 
 from geventpool.client import ServiceClient
 from geventpool.pool import PoolSettings
-from geventpool.testing.echo_server import echo_thrift
+from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
 from geventpool.zk import ZooKeeperConfig
 

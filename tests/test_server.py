@@ -19,7 +19,7 @@ from thriftpy2.transport import TCyFramedTransportFactory, TTransportException
 from geventpool import events
 from geventpool.errors import ConfigurationError
 from geventpool.server import Registration, ThriftServer
-from geventpool.testing.echo_server import EchoHandler, echo_thrift
+from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.zk import ZooKeeperConfig

@@ -15,51 +15,12 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
-import gevent  # noqa: E402
 import structlog  # noqa: E402
-import thriftpy2  # noqa: E402
 
 from geventpool.server import Registration, ThriftServer  # noqa: E402
+from geventpool.testing.echo import EchoHandler, echo_thrift  # noqa: E402
 from geventpool.zk import DEFAULT_ROOT, ZooKeeperConfig  # noqa: E402
-
-IDL = Path(__file__).with_name("echo.thrift")
-
-
-def load_echo() -> Any:
-    """The thriftpy2 module of ``echo.thrift``."""
-    return thriftpy2.load(str(IDL), module_name="echo_thrift")
-
-
-echo_thrift = load_echo()
-
-
-class EchoHandler:
-    """Implements ``Echo``; ``name`` is what :meth:`whoami` answers."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def echo(self, msg: str) -> str:
-        return msg
-
-    def slow_echo(self, msg: str, seconds: float) -> str:
-        gevent.sleep(seconds)
-        return msg
-
-    def add(self, a: int, b: int) -> int:
-        return a + b
-
-    def whoami(self) -> str:
-        return self.name
-
-    def refuse(self, reason: str) -> None:
-        raise echo_thrift.Refused(reason=reason)
-
-    def crash(self, message: str) -> None:
-        raise RuntimeError(message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,49 @@
+"""The echo test service: its IDL (``echo.thrift``) loaded with thriftpy2, and a handler.
+
+Importing this module has no side effects beyond loading the IDL (no monkey-patching), so
+locustfiles and tests can use it; ``geventpool.testing.echo_server`` runs it in a process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gevent
+import thriftpy2
+
+IDL = Path(__file__).with_name("echo.thrift")
+
+
+def load_echo() -> Any:
+    """The thriftpy2 module of ``echo.thrift``."""
+    return thriftpy2.load(str(IDL), module_name="echo_thrift")
+
+
+echo_thrift = load_echo()
+
+
+class EchoHandler:
+    """Implements ``Echo``; ``name`` is what :meth:`whoami` answers."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def echo(self, msg: str) -> str:
+        return msg
+
+    def slow_echo(self, msg: str, seconds: float) -> str:
+        gevent.sleep(seconds)
+        return msg
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def whoami(self) -> str:
+        return self.name
+
+    def refuse(self, reason: str) -> None:
+        raise echo_thrift.Refused(reason=reason)
+
+    def crash(self, message: str) -> None:
+        raise RuntimeError(message)
