@@ -397,6 +397,14 @@ class ServiceClient:
 
     # -- status --------------------------------------------------------------------------------
 
+    @property
+    def zookeeper_session(self) -> int | None:
+        """The id of this client's ZooKeeper session (None without ZooKeeper or before start)."""
+        if self._membership is None:
+            return None
+        client_id = self._membership.client.client_id
+        return client_id[0] if client_id else None
+
     def status(self) -> ServiceStatus:
         """A snapshot of every instance's pool and the totals."""
         instances = tuple(pool.status() for pool in self._pools.values())

@@ -95,6 +95,8 @@ class Notification:
             "summary": self.summary,
             "since": _stamp(self.since),
             "at": _stamp(self.at),
+            "since_unix": self.since,
+            "at_unix": self.at,
             "repeat": self.repeat,
             "advice": self.advice,
             "details": dict(self.details),

@@ -2,7 +2,8 @@
 
 :class:`HttpReceiver` records every request (method, path, query, headers, body) and answers
 according to :attr:`HttpReceiver.mode`: ``ok`` (200 with :attr:`HttpReceiver.reply`),
-``fail`` (500), or ``hang`` (accepts, reads the request, never answers).
+``fail`` (500), or ``hang`` (accepts, reads the request, never answers). ``GET /_requests``
+returns the requests recorded so far as JSON (for a verdict in another process).
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class HttpReceiver:
         return self.requests
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] == "GET" and environ["PATH_INFO"] == "/_requests":
+            start_response("200 OK", [("Content-Type", "application/json")])
+            recorded = [
+                {"path": r.path, "query": r.query, "body": r.body.decode(errors="replace")}
+                for r in self.requests
+            ]
+            return [json.dumps(recorded).encode()]
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         headers = {
