@@ -30,6 +30,7 @@ setup(
             "ruff>=0.5",
         ],
         "load": ["locust>=2.30"],
+        "bench": ["thrift-connector>=0.24", "matplotlib>=3.8"],
     },
     classifiers=[
         "Programming Language :: Python :: 3.11",

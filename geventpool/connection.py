@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -44,7 +45,10 @@ from geventpool.errors import (
 from geventpool.instance import Instance
 from geventpool.server import protocol_factory, transport_factory
 
-_select = monkey.get_original("select", "select")
+# The health check polls without blocking, with the unpatched poll: select() cannot watch a
+# descriptor >= 1024 and would call every connection of a busy process dead.
+_poll = monkey.get_original("select", "poll")
+_READABLE = select.POLLIN | select.POLLPRI
 _WIRE_ERRORS = (
     OSError,
     EOFError,
@@ -62,6 +66,7 @@ class Connection:
     __slots__ = (
         "_client",
         "_clock",
+        "_poller",
         "_sock",
         "broken",
         "calls",
@@ -82,6 +87,8 @@ class Connection:
     ) -> None:
         self.instance = instance
         self._sock = sock
+        self._poller = _poll()
+        self._poller.register(sock.fileno(), _READABLE)
         self._client = client
         self._clock = clock
         self.created_at = self.last_used = clock()
@@ -138,10 +145,9 @@ class Connection:
         if self.broken or now >= self.expires_at:
             return False
         try:
-            readable, _, _ = _select([self._sock], [], [], 0)
-        except (OSError, ValueError):
+            return not self._poller.poll(0)  # anything (data, end of file, error) means no
+        except OSError:
             return False
-        return not readable
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 once closed)."""

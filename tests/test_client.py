@@ -3,6 +3,8 @@ leak, waiters are served in order, dead instances are ejected, idle connections 
 
 from __future__ import annotations
 
+import resource
+import socket
 import time
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
@@ -353,3 +355,24 @@ def test_a_probe_through_a_borrowed_connection_restores_an_ejected_instance(
         assert pinned.echo("probe") == "probe"
     assert events_named(captured, events.INSTANCE_RESTORED)
     assert not client.status().instances[0].ejected
+
+
+def test_pooled_connections_are_reused_when_their_descriptors_are_above_1024(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip("cannot open over 1024 descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    filler = [socket.socket() for _ in range(1100)]  # push new descriptors past FD_SETSIZE
+    try:
+        client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+        for _ in range(20):
+            assert client.echo("x") == "x"
+        [instance] = client.status().instances
+        assert instance.opened == 1  # reused every time, not found "dead" by select()
+        assert client._pools[next(iter(client._pools))]._open_connections.pop().fileno() > 1024
+    finally:
+        for sock in filler:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

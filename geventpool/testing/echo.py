@@ -36,6 +36,9 @@ class EchoHandler:
         gevent.sleep(seconds)
         return msg
 
+    def ping(self) -> None:
+        return None
+
     def add(self, a: int, b: int) -> int:
         return a + b
 

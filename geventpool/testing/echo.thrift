@@ -10,6 +10,8 @@ service Echo {
   // Returns msg after sleeping `seconds` (cooperatively).
   string slow_echo(1: string msg, 2: double seconds),
   i64 add(1: i64 a, 2: i64 b),
+  // Does nothing: what health-checking pools (thrift-connector) call.
+  void ping(),
   // "host:port" of the instance that answered.
   string whoami(),
   // Raises the declared exception.

@@ -1,0 +1,739 @@
+"""geventpool's benchmarks: clients side by side, the pool's own cost, behaviour under faults.
+
+Usage: ``scripts/benchmark.sh [--quick] [--out docs/benchmarks]`` (sets up, then runs this).
+
+1. **Throughput**: 100 caller greenlets, 16-byte echo, Cython binary protocol, buffered
+   transport, against a gevent echo server in its own process. Each client runs once per round,
+   interleaved (A B C ... A B C ...) so that the machine's noise spreads over all of them:
+   a raw thriftpy2 client per greenlet (100 connections), a ``gevent.queue.Queue`` pool of 10,
+   a first-in first-out hand-off pool of 10, thrift-connector's ``ClientPool`` (10, with its
+   ping on every checkout, and without), geventpool with one instance (10 connections) and
+   with three instances found through ZooKeeper (10 each). Reported: calls/s (median of the
+   rounds, with the spread), latency p50/p99/p99.9/max over all rounds, client CPU per call,
+   and each client's calls/s as a ratio of the raw client's in the same rounds.
+2. **Pool-only cost**: microseconds per call of choosing an instance, acquiring and releasing
+   a connection, with no network (fake connections on socket pairs): the same loop timed with
+   and without the pool, interleaved; as callers (10 .. 10,000), connections (1 .. 100) and
+   instances (1 .. 1,000) grow.
+3. **Behaviour**: SIGKILL and SIGSTOP of one of three servers under load, a server joining,
+   a ZooKeeper restart, 1,000 registered instances.
+
+Results go to ``<out>/results.json`` and ``<out>/README.md`` with PNG plots.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import deque  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import ExitStack, contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+import gevent.queue  # noqa: E402
+import structlog  # noqa: E402
+from thriftpy2.rpc import make_client  # noqa: E402
+
+from geventpool.client import ServiceClient  # noqa: E402
+from geventpool.connection import Connection  # noqa: E402
+from geventpool.errors import GeventPoolError  # noqa: E402
+from geventpool.instance import Instance  # noqa: E402
+from geventpool.membership import Membership  # noqa: E402
+from geventpool.payloads import encode_instance  # noqa: E402
+from geventpool.pool import PoolSettings  # noqa: E402
+from geventpool.testing.echo import echo_thrift  # noqa: E402
+from geventpool.testing.processes import ServerProcess  # noqa: E402
+from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
+from geventpool.zk import connect  # noqa: E402
+
+MESSAGE = "0123456789abcdef"  # 16 bytes
+Call = Callable[[], object]
+
+
+# -- the clients compared ----------------------------------------------------------------------
+
+
+class Raw:
+    """A raw thriftpy2 client per caller greenlet: the floor cost of a call."""
+
+    name = "raw thriftpy2, one connection per greenlet"
+
+    def __init__(self, port: int, callers: int) -> None:
+        self._clients = [
+            make_client(echo_thrift.Echo, "127.0.0.1", port, timeout=10000) for _ in range(callers)
+        ]
+
+    def caller(self, index: int) -> Call:
+        client = self._clients[index]
+        return lambda: client.echo(MESSAGE)
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+
+class QueuePool:
+    """The simplest pool: ten clients in a ``gevent.queue.Queue``."""
+
+    name = "gevent.Queue pool of 10"
+
+    def __init__(self, port: int, size: int = 10) -> None:
+        self._queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+        for _ in range(size):
+            self._queue.put(make_client(echo_thrift.Echo, "127.0.0.1", port, timeout=10000))
+
+    def caller(self, index: int) -> Call:
+        queue = self._queue
+
+        def call() -> object:
+            client = queue.get()
+            try:
+                return client.echo(MESSAGE)
+            finally:
+                queue.put(client)
+
+        return call
+
+    def close(self) -> None:
+        while not self._queue.empty():
+            self._queue.get().close()
+
+
+class FifoPool:
+    """A hand-rolled first-in first-out hand-off pool of ten: a release goes to the oldest
+    waiter, so the releasing greenlet cannot take its client back (the FIFO bound)."""
+
+    name = "FIFO hand-off pool of 10"
+
+    def __init__(self, port: int, size: int = 10) -> None:
+        self._idle = [
+            make_client(echo_thrift.Echo, "127.0.0.1", port, timeout=10000) for _ in range(size)
+        ]
+        self._waiters: deque[gevent.event.AsyncResult] = deque()
+
+    def caller(self, index: int) -> Call:
+        def call() -> object:
+            if self._idle and not self._waiters:
+                client = self._idle.pop()
+            else:
+                waiter = gevent.event.AsyncResult()
+                self._waiters.append(waiter)
+                client = waiter.get()
+            try:
+                return client.echo(MESSAGE)
+            finally:
+                if self._waiters:
+                    self._waiters.popleft().set(client)
+                else:
+                    self._idle.append(client)
+
+        return call
+
+    def close(self) -> None:
+        for client in self._idle:
+            client.close()
+
+
+class Connector:
+    """thrift-connector's ClientPool with ThriftPyCyClient, pinging on checkout or not."""
+
+    def __init__(self, port: int, ping: bool, size: int = 10) -> None:
+        from thrift_connector import connection_pool  # noqa: PLC0415 - an optional baseline
+
+        connection_class = connection_pool.ThriftPyCyClient
+        if not ping:
+
+            class NoPing(connection_pool.ThriftPyCyClient):  # type: ignore[misc]
+                def ping(self) -> None:
+                    return None
+
+            connection_class = NoPing
+        self.name = f"thrift-connector ClientPool{'' if ping else ' without ping'}"
+        self._pool = connection_pool.ClientPool(
+            echo_thrift.Echo,
+            "127.0.0.1",
+            port,
+            timeout=10,
+            max_conn=size,
+            connection_class=connection_class,
+        )
+
+    def caller(self, index: int) -> Call:
+        pool = self._pool
+        return lambda: pool.echo(MESSAGE)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+class Geventpool:
+    """geventpool's ServiceClient: one static instance, or the service in ZooKeeper."""
+
+    def __init__(self, name: str, client: ServiceClient) -> None:
+        self.name = name
+        self._client = client
+        client.start()
+
+    def caller(self, index: int) -> Call:
+        client = self._client
+        return lambda: client.echo(MESSAGE)
+
+    def close(self) -> None:
+        self._client.stop()
+
+
+def run_round(client: Any, callers: int, calls_each: int) -> dict[str, Any]:
+    """All callers start together; each makes ``calls_each`` calls, timing each."""
+    start = gevent.event.Event()
+    latencies: list[float] = []
+
+    def caller(index: int) -> None:
+        call = client.caller(index)
+        mine = []
+        start.wait()
+        for _ in range(calls_each):
+            began = time.perf_counter()
+            call()
+            mine.append(time.perf_counter() - began)
+        latencies.extend(mine)
+
+    greenlets = [gevent.spawn(caller, index) for index in range(callers)]
+    gevent.sleep(0.05)
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    began = time.perf_counter()
+    start.set()
+    gevent.joinall(greenlets, raise_error=True)
+    elapsed = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    calls = callers * calls_each
+    cpu_seconds = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
+    return {
+        "calls_per_second": calls / elapsed,
+        "latencies": latencies,
+        "cpu_us": cpu_seconds / calls * 1e6,
+    }
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def throughput(
+    port: int, hosts: str, rounds: int, callers: int, calls_each: int
+) -> list[dict[str, Any]]:
+    service_pool = PoolSettings(max_connections=10, pool_timeout=30.0)
+    clients: list[Any] = [
+        Raw(port, callers),
+        QueuePool(port),
+        FifoPool(port),
+        Connector(port, ping=True),
+        Connector(port, ping=False),
+        Geventpool(
+            "geventpool, one instance",
+            ServiceClient(
+                echo_thrift.Echo, "echo", instances=[Instance("127.0.0.1", port)], pool=service_pool
+            ),
+        ),
+        Geventpool(
+            "geventpool, three instances via ZooKeeper",
+            ServiceClient(echo_thrift.Echo, "echo", zookeeper=hosts, pool=service_pool),
+        ),
+    ]
+    samples: dict[str, list[dict[str, Any]]] = {client.name: [] for client in clients}
+    for client in clients:  # warm every connection once
+        run_round(client, callers, 5)
+    for round_number in range(rounds):
+        for client in clients:
+            samples[client.name].append(run_round(client, callers, calls_each))
+        print(f"  round {round_number + 1}/{rounds} done", flush=True)
+    for client in clients:
+        client.close()
+    raw = samples[clients[0].name]
+    report = []
+    for client in clients:
+        mine = samples[client.name]
+        rates = [s["calls_per_second"] for s in mine]
+        ordered = sorted(latency for s in mine for latency in s["latencies"])
+        ratios = [
+            s["calls_per_second"] / r["calls_per_second"] for s, r in zip(mine, raw, strict=True)
+        ]
+        report.append(
+            {
+                "client": client.name,
+                "calls_per_second": statistics.median(rates),
+                "calls_per_second_min": min(rates),
+                "calls_per_second_max": max(rates),
+                "ratio_to_raw": statistics.median(ratios),
+                "p50_ms": percentile(ordered, 0.5) * 1000,
+                "p99_ms": percentile(ordered, 0.99) * 1000,
+                "p999_ms": percentile(ordered, 0.999) * 1000,
+                "max_ms": ordered[-1] * 1000,
+                "cpu_us_per_call": statistics.median(s["cpu_us"] for s in mine),
+            }
+        )
+    return report
+
+
+# -- the pool's own cost -----------------------------------------------------------------------
+
+
+@contextmanager
+def fake_connections() -> Iterator[Callable[..., Connection]]:
+    """A connector making connections on socket pairs (nothing is ever sent on them)."""
+    peers: list[socket.socket] = []
+
+    def connect(instance: Instance, service: Any, **options: Any) -> Connection:
+        mine, peer = socket.socketpair()
+        peers.append(peer)
+        clock = options["clock"]
+        return Connection(instance, mine, None, clock=clock, expires_at=clock() + 3600)
+
+    try:
+        yield connect
+    finally:
+        for peer in peers:
+            peer.close()
+
+
+def pool_cost(callers: int, connections: int, instances: int, cycles: int) -> float:
+    """Microseconds of pool work per call: (loop with the pool - the same loop without) / calls."""
+    with fake_connections() as connect:
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "bench",
+            instances=[Instance("127.0.0.1", 1 + n) for n in range(instances)],
+            pool=PoolSettings(max_connections=connections, pool_timeout=600.0, reap_interval=600.0),
+        )
+        client.start()
+        for pool in client._pools.values():  # noqa: SLF001 - a benchmark reaches in on purpose
+            pool._connect = connect  # noqa: SLF001
+        checkout = client._checkout  # noqa: SLF001
+
+        def with_pool() -> None:
+            for _ in range(cycles):
+                pool, connection = checkout(time.monotonic() + 600)
+                gevent.sleep(0)  # the call: one trip through the hub
+                pool.release(connection)
+
+        def without_pool() -> None:
+            for _ in range(cycles):
+                gevent.sleep(0)
+
+        def timed(body: Callable[[], None]) -> float:
+            began = time.perf_counter()
+            gevent.joinall([gevent.spawn(body) for _ in range(callers)], raise_error=True)
+            return time.perf_counter() - began
+
+        timed(with_pool)  # open the connections
+        differences = []
+        for _ in range(3):  # interleaved: A B A B A B
+            differences.append(timed(with_pool) - timed(without_pool))
+        client.stop()
+    return max(0.0, statistics.median(differences)) / (callers * cycles) * 1e6
+
+
+def pool_costs(quick: bool) -> dict[str, list[dict[str, float]]]:
+    calls = 20_000 if quick else 100_000
+    grid = {
+        "callers": [(c, 10, 1) for c in (10, 100, 1000, 10_000)],
+        "connections": [(100, n, 1) for n in (1, 10, 100)],
+        # capacity covers the callers at every point, so this axis measures choosing, not waiting
+        "instances": [(100, max(1, 100 // i), i) for i in (1, 10, 100, 1000)],
+    }
+    results: dict[str, list[dict[str, float]]] = {}
+    for axis, points in grid.items():
+        results[axis] = []
+        for callers, connections, instances in points:
+            cost = pool_cost(callers, connections, instances, max(1, calls // callers))
+            results[axis].append(
+                {
+                    "callers": callers,
+                    "connections": connections,
+                    "instances": instances,
+                    "us_per_call": cost,
+                }
+            )
+            print(
+                f"  pool cost {axis}: {callers} callers, {connections} conns, {instances} instances: {cost:.2f} us",
+                flush=True,
+            )
+    return results
+
+
+# -- behaviour under faults --------------------------------------------------------------------
+
+
+class Load:
+    """Callers calling ``whoami`` in a loop, counting outcomes per instance and error type."""
+
+    def __init__(self, client: ServiceClient, callers: int) -> None:
+        self.client = client
+        self.served: dict[str, int] = {}
+        self.last_served: dict[str, float] = {}
+        self.errors: dict[str, int] = {}
+        self.greenlets = [gevent.spawn(self._loop) for _ in range(callers)]
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                with self.client.connection() as connection:
+                    connection.echo(MESSAGE)
+                    name = str(connection.instance)
+                self.served[name] = self.served.get(name, 0) + 1
+                self.last_served[name] = time.monotonic()
+            except GeventPoolError as error:
+                self.errors[type(error).__name__] = self.errors.get(type(error).__name__, 0) + 1
+                gevent.sleep(0.001)
+
+    def stop(self) -> None:
+        gevent.killall(self.greenlets)
+
+
+def wait(predicate: Callable[[], bool], timeout: float) -> float:
+    began = time.monotonic()
+    while not predicate():
+        if time.monotonic() - began > timeout:
+            return float("nan")
+        gevent.sleep(0.001)
+    return time.monotonic() - began
+
+
+def behaviour(folder: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    with ExitStack() as stack:
+        zookeeper = ZooKeeperServer(folder / "zk-behaviour")
+        stack.callback(zookeeper.stop)
+        zookeeper.start()
+
+        def server() -> ServerProcess:
+            process = ServerProcess(
+                ["--zookeeper", zookeeper.hosts, "--session-timeout", "10"],
+                log_path=folder / "servers.log",
+            )
+            stack.callback(process.kill)
+            return process.start()
+
+        servers = [server() for _ in range(3)]
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "echo",
+            zookeeper=zookeeper.hosts,
+            call_timeout=1.0,
+            pool=PoolSettings(max_connections=10, eject_after=3, eject_backoff=5.0),
+        )
+        client.start()
+        stack.callback(client.stop)
+        load = Load(client, 100)
+        stack.callback(load.stop)
+        gevent.sleep(1.0)
+
+        def ejected(address: str) -> Callable[[], bool]:
+            return lambda: any(
+                s.instance == address and s.ejected for s in client.status().instances
+            )
+
+        victim = servers[0]
+        load.errors.clear()
+        killed_at = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        figures["sigkill_time_to_eject_ms"] = wait(ejected(victim.address), 10) * 1000
+        gevent.sleep(1.0)
+        figures["sigkill_failed_calls"] = dict(load.errors)
+        figures["sigkill_calls_after_kill"] = sum(load.served.values())
+        del killed_at
+
+        stopped = servers[1]
+        load.errors.clear()
+        os.kill(stopped.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        figures["sigstop_time_to_eject_ms"] = wait(ejected(stopped.address), 10) * 1000
+        gevent.sleep(1.5)
+        figures["sigstop_failed_calls"] = dict(load.errors)
+        figures["sigstop_last_call_after_stop_ms"] = (
+            load.last_served.get(stopped.address, stopped_at) - stopped_at
+        ) * 1000
+        os.kill(stopped.pid, signal.SIGCONT)
+
+        newcomer = server()
+        joined = time.monotonic()
+        figures["new_server_first_call_ms"] = (
+            wait(lambda: newcomer.address in load.served, 10) * 1000
+        )
+        del joined
+
+        load.errors.clear()
+        zookeeper.stop()
+        zookeeper.start()
+        gevent.sleep(2.0)
+        figures["zookeeper_restart_failed_calls"] = dict(load.errors)
+        figures["total_calls"] = sum(load.served.values())
+    figures.update(many_instances(folder))
+    return figures
+
+
+def many_instances(folder: Path, count: int = 1000, joins: int = 100) -> dict[str, Any]:
+    with ExitStack() as stack:
+        zookeeper = ZooKeeperServer(folder / "zk-many")
+        stack.callback(zookeeper.stop)
+        zookeeper.start()
+        writer = connect(zookeeper.hosts)
+        stack.callback(writer.close)
+        stack.callback(writer.stop)
+        path = "/geventpool/many"
+        writer.ensure_path(path)
+
+        def create(numbers: range) -> None:
+            transaction = writer.transaction()
+            for n in numbers:
+                transaction.create(
+                    f"{path}/10.0.{n // 250}.{n % 250 + 1}:9090",
+                    encode_instance(Instance(f"10.0.{n // 250}.{n % 250 + 1}", 9090)),
+                )
+            transaction.commit()
+
+        for start in range(0, count, 200):
+            create(range(start, min(count, start + 200)))
+        reader = connect(zookeeper.hosts)
+        stack.callback(reader.close)
+        stack.callback(reader.stop)
+        membership = Membership(reader, "many", empty_protection=0)
+        began = time.monotonic()
+        membership.start(timeout=60)
+        load_ms = (time.monotonic() - began) * 1000
+        stack.callback(membership.stop)
+        reads, fetches = membership.stats.reads, membership.stats.fetches
+        began = time.monotonic()
+        create(range(count, count + joins))
+        membership.wait_for(lambda view: len(view) == count + joins, 60)
+        converge_ms = (time.monotonic() - began) * 1000
+        return {
+            "many_instances": count,
+            "many_load_ms": load_ms,
+            "many_joins": joins,
+            "many_converge_ms": converge_ms,
+            "many_children_reads_per_change": membership.stats.reads - reads,
+            "many_payload_reads_per_change": membership.stats.fetches - fetches,
+        }
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - only for the report
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = results["throughput"]
+    names = [r["client"] for r in rows]
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    axis.barh(
+        names,
+        [r["calls_per_second"] for r in rows],
+        xerr=[
+            [r["calls_per_second"] - r["calls_per_second_min"] for r in rows],
+            [r["calls_per_second_max"] - r["calls_per_second"] for r in rows],
+        ],
+        color="#4477aa",
+    )
+    axis.invert_yaxis()
+    axis.set_xlabel("calls per second (median of rounds; bars: min-max)")
+    axis.set_title("100 callers, 16-byte echo, one gevent server process, 2 cores")
+    figure.tight_layout()
+    figure.savefig(out / "throughput.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    for key, label in (
+        ("p50_ms", "p50"),
+        ("p99_ms", "p99"),
+        ("p999_ms", "p99.9"),
+        ("max_ms", "max"),
+    ):
+        axis.plot(range(len(rows)), [r[key] for r in rows], marker="o", label=label)
+    axis.set_xticks(
+        range(len(rows)), [n.replace(", ", ",\n") for n in names], fontsize=7, rotation=0
+    )
+    axis.set_yscale("log")
+    axis.set_ylabel("latency, ms (log)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "latency.png", dpi=110)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for axis, key in zip(axes, ("callers", "connections", "instances"), strict=True):
+        points = results["pool_cost"][key]
+        axis.plot([p[key] for p in points], [p["us_per_call"] for p in points], marker="o")
+        axis.set_xscale("log")
+        axis.set_xlabel(key)
+        axis.set_ylabel("pool work, us per call")
+        axis.set_ylim(bottom=0)
+    figure.suptitle("pool-only cost (no network)")
+    figure.tight_layout()
+    figure.savefig(out / "pool_cost.png", dpi=110)
+    plt.close(figure)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    rows = results["throughput"]
+    by_name = {r["client"]: r for r in rows}
+    ours = by_name["geventpool, one instance"]
+    connector = by_name["thrift-connector ClientPool"]
+    fifo = by_name["FIFO hand-off pool of 10"]
+    cost = results["pool_cost"]
+    at_100 = next(p["us_per_call"] for p in cost["callers"] if p["callers"] == 100)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {results['when']} on {results['machine']}. Reproduce: `scripts/benchmark.sh`"
+        " (this page, `results.json` and the plots are written by it; `--quick` for a short run).",
+        "Only ratios measured side by side in one run mean much on a shared 2-core machine: the",
+        "clients run interleaved, round after round, against the same server process.",
+        "",
+        f"## Throughput and latency ({results['settings']['rounds']} rounds of"
+        f" {results['settings']['callers']} callers x {results['settings']['calls_each']} calls)",
+        "",
+        "| client | calls/s (min-max) | vs raw | p50 ms | p99 ms | p99.9 ms | max ms | client CPU us/call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['client']} | {r['calls_per_second']:,.0f} ({r['calls_per_second_min']:,.0f}-{r['calls_per_second_max']:,.0f})"
+            f" | {r['ratio_to_raw']:.2f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['max_ms']:.1f}"
+            f" | {r['cpu_us_per_call']:.1f} |"
+        )
+    lines += [
+        "",
+        "![throughput](throughput.png)",
+        "",
+        "![latency](latency.png)",
+        "",
+        "## Pool-only cost",
+        "",
+    ]
+    lines += ["| axis | points (us per call) |", "|---|---|"]
+    for axis, points in cost.items():
+        lines.append(
+            f"| {axis} | "
+            + ", ".join(f"{p[axis]:,}: {p['us_per_call']:.2f}" for p in points)
+            + " |"
+        )
+    lines += [
+        "",
+        "![pool cost](pool_cost.png)",
+        "",
+        "## Behaviour",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    for key, value in results["behaviour"].items():
+        lines.append(f"| {key} | {round(value, 1) if isinstance(value, float) else value} |")
+    targets = [
+        (
+            "geventpool >= 0.9x the raw per-greenlet client",
+            ours["ratio_to_raw"] >= 0.9,
+            f"{ours['ratio_to_raw']:.2f}x",
+        ),
+        (
+            "geventpool >= 2x thrift-connector's default",
+            ours["calls_per_second"] >= 2 * connector["calls_per_second"],
+            f"{ours['calls_per_second'] / connector['calls_per_second']:.2f}x",
+        ),
+        (
+            "worst latency within 2x the FIFO pool's",
+            ours["max_ms"] <= 2 * fifo["max_ms"],
+            f"{ours['max_ms']:.1f} ms vs {fifo['max_ms']:.1f} ms",
+        ),
+        ("pool-only cost <= 3 us per call at 100 callers", at_100 <= 3.0, f"{at_100:.2f} us"),
+        ("10,000 callers complete", any(p["callers"] == 10_000 for p in cost["callers"]), "yes"),
+    ]
+    lines += ["", "## Targets", "", "| target | met | figure |", "|---|---|---|"]
+    lines += [
+        f"| {name} | {'yes' if met else '**no**'} | {figure} |" for name, met, figure in targets
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and calls (a smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["throughput", "pool_cost", "behaviour"]
+    )
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))  # 1,000 pools
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "rounds": 2 if args.quick else 7,
+        "callers": 100,
+        "calls_each": 20 if args.quick else 300,
+    }
+    results: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
+        "settings": settings,
+    }
+    with tempfile.TemporaryDirectory(prefix="geventpool-bench-") as temporary, ExitStack() as stack:
+        folder = Path(temporary)
+        if "throughput" not in args.skip:
+            zookeeper = ZooKeeperServer(folder / "zk")
+            stack.callback(zookeeper.stop)
+            zookeeper.start()
+            servers = []
+            for _ in range(3):
+                process = ServerProcess(
+                    ["--zookeeper", zookeeper.hosts], log_path=folder / "servers.log"
+                )
+                stack.callback(process.kill)
+                servers.append(process.start())
+            print("throughput", flush=True)
+            assert servers[0].port is not None
+            results["throughput"] = throughput(servers[0].port, zookeeper.hosts, **settings)
+        if "pool_cost" not in args.skip:
+            print("pool-only cost", flush=True)
+            results["pool_cost"] = pool_costs(args.quick)
+        if "behaviour" not in args.skip:
+            print("behaviour", flush=True)
+            results["behaviour"] = behaviour(folder)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if not args.skip:
+        plots(results, args.out)
+        (args.out / "README.md").write_text(markdown(results))
+    print(
+        json.dumps({k: v for k, v in results.items() if k != "throughput"}, indent=1, default=str)[
+            :3000
+        ]
+    )
+    for row in results.get("throughput", []):
+        print(
+            f"{row['client']:45s} {row['calls_per_second']:9,.0f}/s  x{row['ratio_to_raw']:.2f}  p99 {row['p99_ms']:.2f} ms  max {row['max_ms']:.1f} ms  cpu {row['cpu_us_per_call']:.1f} us"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
