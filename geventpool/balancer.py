@@ -4,7 +4,9 @@ Both skip pools that are not available (ejected or retired) and pools already tr
 call, and return None when none is left. :class:`LeastInUse` (the default) samples two pools at
 random and takes the one with fewer calls in progress per unit of weight (power of two choices:
 near the best choice at O(1) cost, and no herd on a single "least loaded" instance); when both
-samples are full, it scans for any pool with room before settling for the least loaded one.
+samples are full it draws a few more pairs, then scans up to 32 pools for one with room before
+settling for the least loaded one it saw (so its cost stays bounded with thousands of
+instances).
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ class Balancer(Protocol):
     def choose(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None: ...
 
 
+SAMPLES = 4
+"""Pairs drawn before the scan."""
+SCAN_LIMIT = 32
+"""Pools the scan looks at before it settles for the least loaded one it has seen."""
+
+
 def _load(pool: Candidate) -> float:
     return (pool.in_use + pool.waiting) / pool.instance.weight
 
@@ -70,26 +78,30 @@ class LeastInUse:
         if count == 0:
             return None
         pick = self._random.randrange
-        first, second = pools[pick(count)], pools[pick(count)]
-        ok_first = first.available(now) and first not in tried
-        ok_second = second.available(now) and second not in tried
-        if ok_first and ok_second:
-            best = first if _load(first) <= _load(second) else second
-            if best.has_capacity():
-                return best
-        elif ok_first and first.has_capacity():
-            return first
-        elif ok_second and second.has_capacity():
-            return second
+        for _ in range(SAMPLES if count > 2 else 1):
+            first, second = pools[pick(count)], pools[pick(count)]
+            ok_first = first.available(now) and first not in tried
+            ok_second = second.available(now) and second not in tried
+            if ok_first and ok_second:
+                best = first if _load(first) <= _load(second) else second
+                if best.has_capacity():
+                    return best
+            elif ok_first and first.has_capacity():
+                return first
+            elif ok_second and second.has_capacity():
+                return second
         return self._scan(pools, now, tried)
 
     def _scan(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None:
-        """Any pool with room (from a random start, so none is favoured), else the least
-        loaded available one."""
+        """Any pool with room among up to ``SCAN_LIMIT`` pools from a random start (so none is
+        favoured, and the cost stays bounded with thousands of instances), else the least
+        loaded available one seen; with none seen, every pool is looked at."""
         count = len(pools)
         start = self._random.randrange(count)
         best: P | None = None
         for offset in range(count):
+            if offset >= SCAN_LIMIT and best is not None:
+                break
             pool = pools[(start + offset) % count]
             if not pool.available(now) or pool in tried:
                 continue
