@@ -75,11 +75,12 @@ class LeastInUse:
 
     def choose(self, pools: Sequence[P], now: float, tried: Collection[P]) -> P | None:
         count = len(pools)
-        if count == 0:
-            return None
-        pick = self._random.randrange
+        if count <= 1:
+            only = pools[0] if count else None
+            return only if only is not None and only.available(now) and only not in tried else None
+        draw = self._random.random
         for _ in range(SAMPLES if count > 2 else 1):
-            first, second = pools[pick(count)], pools[pick(count)]
+            first, second = pools[int(draw() * count)], pools[int(draw() * count)]
             ok_first = first.available(now) and first not in tried
             ok_second = second.available(now) and second not in tried
             if ok_first and ok_second:

@@ -179,6 +179,8 @@ def bind_arguments(
     """Map a call's arguments to the IDL's names, as Python binds a call: too many, unknown,
     repeated or missing required arguments raise :class:`InvalidArgumentsError`."""
     names, required = _signature(service, method)
+    if not kwargs and len(args) == len(names):  # the common call: every argument, in order
+        return dict(zip(names, args, strict=True))
     if len(args) > len(names):
         raise InvalidArgumentsError(
             method, f"takes {len(names)} arguments ({', '.join(names)}), {len(args)} given"
