@@ -674,7 +674,33 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         f"| {name} | {'yes' if met else '**no**'} | {figure} |" for name, met, figure in targets
     ]
+    lines += ["", READING]
     return "\n".join(lines) + "\n"
+
+
+READING = """## Reading these figures
+
+- **Why geventpool is below the raw client.** With 100 callers on 10 connections almost every
+  call waits for a connection, and the first-in first-out hand-off that keeps the worst wait
+  bounded costs a trip through the hub per waiting caller (the pool-only cost rises from about
+  1.3 us uncontended to about 4.5 us with callers queued). The hand-rolled FIFO pool pays the
+  same kind of price. The rest is work a bare client does not do: a total deadline per call
+  (one gevent.Timeout), binding the arguments to the IDL before anything is sent, health
+  bookkeeping, the balancer. At 20 to 30 us of client CPU per call, each microsecond is a few
+  percent of throughput.
+- **The gevent.Queue pool is fast and unfair**: its worst wait is hundreds of milliseconds (a
+  releasing greenlet takes its connection straight back and starves the waiters).
+- **Worst latency.** Over 200,000 calls one slow call decides the maximum. Run alone (only
+  geventpool, several rounds of the same 100 callers), geventpool's maximum was 3 to 5 ms, as
+  the FIFO pool's; in the interleaved run, where every client, the ZooKeeper JVM and three
+  server processes share two cores, it shows an outlier of about 20 ms that the FIFO pool does
+  not. Its cause is not found yet; p99.9 is the steadier figure.
+- **Three instances through ZooKeeper** run three server processes on the same two cores as
+  the client: they add CPU contention, not capacity. Compare it with one instance for the cost
+  of discovery and balancing, not for scale.
+- **thrift-connector** caps idle connections only, so under 100 callers it opens a connection
+  per caller, and by default it pings the server on every checkout (a round trip per call).
+"""
 
 
 def main() -> int:

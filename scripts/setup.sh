@@ -12,7 +12,7 @@ fi
 stamp=.venv/.installed-$(cat setup.py | sha1sum | cut -c1-12)
 if [[ ! -f $stamp ]]; then
   if ! { .venv/bin/python -m pip install -q --upgrade pip &&
-         .venv/bin/python -m pip install -q -e '.[test,load]'; } >.venv/pip.log 2>&1; then
+         .venv/bin/python -m pip install -q -e '.[test,load,bench]'; } >.venv/pip.log 2>&1; then
     cat .venv/pip.log >&2
     exit 1
   fi

@@ -1,0 +1,36 @@
+"""The benchmark command still runs end to end (a quick smoke run; it asserts the report's
+shape, never a speed: speed is for the benchmark itself to report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.gevent_timeout(240)
+def test_the_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=230,
+        cwd=ROOT,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    clients = {row["client"] for row in results["throughput"]}
+    assert len(clients) == 7 and "geventpool, one instance" in clients
+    assert all(row["calls_per_second"] > 0 for row in results["throughput"])
+    assert [p["callers"] for p in results["pool_cost"]["callers"]] == [10, 100, 1000, 10_000]
+    assert results["behaviour"]["many_instances"] == 1000
+    report = (tmp_path / "README.md").read_text()
+    assert "## Targets" in report and "## Reading these figures" in report
+    for plot in ("throughput.png", "latency.png", "pool_cost.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000
