@@ -31,7 +31,10 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 
 from geventpool.testing.http_receiver import HttpReceiver  # noqa: E402
-from geventpool.testing.processes import ServerProcess  # noqa: E402
+from geventpool.testing.processes import (  # noqa: E402
+    ServerProcess,
+    start_registered_server,
+)
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -125,17 +128,9 @@ def run(scenario: Scenario, results: Path, scale: float) -> dict[str, Any]:
         zookeeper.start()
 
         def start_server() -> ServerProcess:
-            server = ServerProcess(
-                [
-                    "--zookeeper",
-                    zookeeper.hosts,
-                    "--session-timeout",
-                    str(scenario.server_session_timeout),
-                ],
-                log_path=folder / "servers.log",
+            return start_registered_server(
+                stack, zookeeper.hosts, folder / "servers.log", scenario.server_session_timeout
             )
-            stack.callback(server.kill)
-            return server.start()
 
         servers = [start_server() for _ in range(3)]
         env = {

@@ -58,7 +58,10 @@ from geventpool.membership import Membership  # noqa: E402
 from geventpool.payloads import encode_instance  # noqa: E402
 from geventpool.pool import PoolSettings  # noqa: E402
 from geventpool.testing.echo import echo_thrift  # noqa: E402
-from geventpool.testing.processes import ServerProcess  # noqa: E402
+from geventpool.testing.processes import (  # noqa: E402
+    ServerProcess,
+    start_registered_server,
+)
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
 from geventpool.zk import connect  # noqa: E402
 
@@ -423,12 +426,7 @@ def behaviour(folder: Path) -> dict[str, Any]:
         zookeeper.start()
 
         def server() -> ServerProcess:
-            process = ServerProcess(
-                ["--zookeeper", zookeeper.hosts, "--session-timeout", "10"],
-                log_path=folder / "servers.log",
-            )
-            stack.callback(process.kill)
-            return process.start()
+            return start_registered_server(stack, zookeeper.hosts, folder / "servers.log")
 
         servers = [server() for _ in range(3)]
         client = ServiceClient(
@@ -733,13 +731,10 @@ def main() -> int:
             zookeeper = ZooKeeperServer(folder / "zk")
             stack.callback(zookeeper.stop)
             zookeeper.start()
-            servers = []
-            for _ in range(3):
-                process = ServerProcess(
-                    ["--zookeeper", zookeeper.hosts], log_path=folder / "servers.log"
-                )
-                stack.callback(process.kill)
-                servers.append(process.start())
+            servers = [
+                start_registered_server(stack, zookeeper.hosts, folder / "servers.log")
+                for _ in range(3)
+            ]
             print("throughput", flush=True)
             assert servers[0].port is not None
             results["throughput"] = throughput(servers[0].port, zookeeper.hosts, **settings)

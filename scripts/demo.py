@@ -40,7 +40,10 @@ from geventpool.pool import PoolSettings  # noqa: E402
 from geventpool.secret import Secret  # noqa: E402
 from geventpool.testing.echo import echo_thrift  # noqa: E402
 from geventpool.testing.http_receiver import HttpReceiver  # noqa: E402
-from geventpool.testing.processes import ServerProcess  # noqa: E402
+from geventpool.testing.processes import (  # noqa: E402
+    ServerProcess,
+    start_registered_server,
+)
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
 
 SESSION_TIMEOUT = 6.0
@@ -141,12 +144,9 @@ def main() -> int:
         say(f"ZooKeeper serving on {zookeeper.hosts}")
 
         def start_server() -> ServerProcess:
-            server = ServerProcess(
-                ["--zookeeper", zookeeper.hosts, "--session-timeout", str(SESSION_TIMEOUT)],
-                log_path=folder / "servers.log",
+            return start_registered_server(
+                stack, zookeeper.hosts, folder / "servers.log", SESSION_TIMEOUT
             )
-            stack.callback(server.kill)
-            return server.start()
 
         servers = [start_server() for _ in range(3)]
         say(f"three echo servers registered: {', '.join(s.address for s in servers)}")

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import gevent
@@ -86,3 +87,15 @@ class ServerProcess:
             return int(self._process.wait(timeout=timeout))
         except subprocess.TimeoutExpired:
             return None
+
+
+def start_registered_server(
+    stack: ExitStack, hosts: str, log_path: Path, session_timeout: float = 10.0
+) -> ServerProcess:
+    """Start an echo server registered in the ZooKeeper at ``hosts`` with sessions of
+    ``session_timeout`` seconds; ``stack`` kills it when it closes."""
+    process = ServerProcess(
+        ["--zookeeper", hosts, "--session-timeout", str(session_timeout)], log_path=log_path
+    )
+    stack.callback(process.kill)
+    return process.start()
