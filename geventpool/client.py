@@ -44,6 +44,7 @@ from geventpool.errors import (
     GeventPoolError,
     NoInstancesError,
     PoolClosedError,
+    PoolError,
     PoolExhaustedError,
     RetriesExhaustedError,
     TransportError,
@@ -262,9 +263,11 @@ class ServiceClient:
             self._ensure_started()
         limit = self._call_timeout if timeout is None else timeout
         pool, connection = self._checkout(self._clock() + limit)
+        pinned = PinnedConnection(pool, connection, limit, self._clock, self._methods)
         try:
-            yield PinnedConnection(pool, connection, limit, self._clock, self._methods)
+            yield pinned
         finally:
+            pinned.returned = True
             pool.release(connection)
 
     def _ensure_started(self) -> None:
@@ -421,7 +424,11 @@ class ServiceClient:
 
 
 class PinnedConnection:
-    """One borrowed connection; ``c.add(1, 2)`` calls on it (see ServiceClient.connection)."""
+    """One borrowed connection; ``c.add(1, 2)`` calls on it (see ServiceClient.connection).
+
+    Once the ``with`` block ends the connection is back in the pool, perhaps with another
+    caller: calls then raise :class:`~geventpool.errors.PoolError`.
+    """
 
     def __init__(
         self,
@@ -432,6 +439,7 @@ class PinnedConnection:
         methods: frozenset[str],
     ) -> None:
         self._methods = methods
+        self.returned = False
         self._pool = pool
         self._connection = connection
         self._limit = limit
@@ -447,6 +455,8 @@ class PinnedConnection:
             raise AttributeError(f"the service has no method {method!r}")
 
         def remote(*args: Any, **kwargs: Any) -> Any:
+            if self.returned:
+                raise PoolError(f"{method}(): the connection was returned to the pool")
             try:
                 result = self._connection.call(method, args, kwargs, self._clock() + self._limit)
             except TransportError as error:

@@ -92,6 +92,7 @@ class ReportingClient:
             return result
 
         remote.__name__ = method
+        self.__dict__[method] = remote  # found directly from now on
         return remote
 
 

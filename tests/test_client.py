@@ -21,6 +21,7 @@ from geventpool.errors import (
     InvalidArgumentsError,
     NoInstancesError,
     PoolClosedError,
+    PoolError,
     PoolExhaustedError,
     RetriesExhaustedError,
     TransportError,
@@ -376,3 +377,14 @@ def test_pooled_connections_are_reused_when_their_descriptors_are_above_1024(
         for sock in filler:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_borrowed_connection_refuses_calls_once_it_is_returned(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    with client.connection() as pinned:
+        assert pinned.echo("inside") == "inside"
+    with pytest.raises(PoolError, match="returned"):
+        pinned.echo("after")  # the connection may belong to another caller by now
+    assert client.echo("others are fine") == "others are fine"
