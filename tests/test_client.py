@@ -30,6 +30,7 @@ from geventpool.instance import Instance
 from geventpool.pool import PoolSettings
 from geventpool.server import ThriftServer
 from geventpool.testing.echo import echo_thrift
+from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import free_port
 from helpers import events_named, wait_until
@@ -388,3 +389,28 @@ def test_a_borrowed_connection_refuses_calls_once_it_is_returned(
     with pytest.raises(PoolError, match="returned"):
         pinned.echo("after")  # the connection may belong to another caller by now
     assert client.echo("others are fine") == "others are fine"
+
+
+def test_a_peer_trickling_one_byte_at_a_time_is_cut_by_the_total_deadline(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    server = serve()
+    proxy = TcpProxy(("127.0.0.1", server.port))
+    proxy.start()
+    try:
+        client = make_client(
+            instances=[Instance(host="127.0.0.1", port=proxy.port)],
+            pool=settings(max_connections=1),
+        )
+        assert client.echo("warm") == "warm"
+        proxy.trickle(0.05)  # every single read succeeds; the whole reply takes seconds
+        started = time.monotonic()
+        with pytest.raises(CallTimeoutError):
+            client.echo("x" * 200, timeout=0.5)
+        took = time.monotonic() - started
+        assert took < 2.0  # the deadline, not the sum of per-read timeouts, ended it
+        [instance] = client.status().instances
+        assert instance.closed == 1  # that connection is never reused
+        print(f"trickling call cut after {took:.2f}s (deadline 0.5s)")
+    finally:
+        proxy.stop()

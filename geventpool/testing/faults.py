@@ -5,7 +5,8 @@
   ephemeral nodes and the first client sees SESSION_EXPIRED (LOST) when it reconnects.
 * :class:`TcpProxy` sits between a client and a server on 127.0.0.1; :meth:`TcpProxy.drop`
   closes every connection through it (the client sees a lost connection, SUSPENDED, and
-  reconnects), :meth:`TcpProxy.blackhole` keeps new and existing connections open but silent.
+  reconnects), :meth:`TcpProxy.blackhole` keeps new and existing connections open but silent,
+  :meth:`TcpProxy.trickle` forwards one byte at a time with a pause between bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class TcpProxy:
         self._target = target
         self._sockets: set[socket.socket] = set()
         self._silent = False
+        self._byte_pause = 0.0
         self._server = StreamServer(("127.0.0.1", 0), self._handle)
 
     @property
@@ -70,7 +72,12 @@ class TcpProxy:
     def restore(self) -> None:
         """Forward again (connections that were silent are dropped, as a network would)."""
         self._silent = False
+        self._byte_pause = 0.0
         self.drop()
+
+    def trickle(self, pause: float) -> None:
+        """From now on forward one byte every ``pause`` seconds (a slow or hostile peer)."""
+        self._byte_pause = pause
 
     def _handle(self, downstream: socket.socket, _address: object) -> None:
         # gevent closes ``downstream`` when this returns: pump until either side ends.
@@ -94,7 +101,12 @@ class TcpProxy:
             while data := source.recv(65536):
                 while self._silent:
                     gevent.sleep(0.05)
-                sink.sendall(data)
+                if self._byte_pause:
+                    for index in range(len(data)):
+                        sink.sendall(data[index : index + 1])
+                        gevent.sleep(self._byte_pause)
+                else:
+                    sink.sendall(data)
         except OSError:
             pass
         finally:
