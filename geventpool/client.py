@@ -276,25 +276,28 @@ class ServiceClient:
         self.start()
 
     def _checkout(self, deadline: float) -> tuple[InstancePool, Connection]:
-        """A pool and a connection from it; other instances are tried when connecting fails."""
-        tried: list[InstancePool] = []
-        attempts: list[GeventPoolError] = []
+        """A pool and a connection from it; other instances are tried when connecting fails.
+
+        The lists of failed attempts are made only after a failure: a call that succeeds at
+        once allocates nothing here (fewer objects, fewer garbage collections).
+        """
+        tried: tuple[InstancePool, ...] = ()
+        attempts: tuple[GeventPoolError, ...] = ()
         while True:
             now = self._clock()
             pool = self._balancer.choose(self._active, now, tried) or self._any_pool(tried)
             if pool is None:
                 if attempts:
-                    raise RetriesExhaustedError(self.name, attempts)
+                    raise RetriesExhaustedError(self.name, list(attempts))
                 if self._closed:
                     raise PoolClosedError(f"client of {self.name!r} is closed")
                 raise NoInstancesError(self.name)
             try:
                 return pool, pool.acquire(deadline)
             except (ConnectError, PoolClosedError) as error:
-                attempts.append(error)
-                tried.append(pool)
+                tried, attempts = (*tried, pool), (*attempts, error)
                 if len(attempts) > self._retries or self._clock() >= deadline:
-                    raise RetriesExhaustedError(self.name, attempts) from error
+                    raise RetriesExhaustedError(self.name, list(attempts)) from error
             except PoolExhaustedError as error:
                 raise self._on_exhausted(error.timeout) from None
 
