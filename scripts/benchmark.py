@@ -688,14 +688,14 @@ READING = """## Reading these figures
   percent of throughput.
 - **The gevent.Queue pool is fast and unfair**: its worst wait is hundreds of milliseconds (a
   releasing greenlet takes its connection straight back and starves the waiters).
-- **Worst latency.** Over 200,000 calls one slow call decides the maximum, and here it is a
-  garbage collection: a full (generation 2) pass walks every object the process holds, and
-  geventpool's call path allocates more objects per call than a bare pool, so such a pass
-  lands in its rounds more often. Diagnosed by pausing the collector during each round (a
-  copy of this script, not the published figures): geventpool's maximum fell from about
-  25 ms to 6.1 ms, the FIFO pool's was 6.8 ms; run alone, geventpool's maximum is 3 to 7 ms.
-  An application with a large heap can make those passes cheap with ``gc.freeze()`` after
-  start-up. p99.9 is the steadier figure.
+- **Worst latency.** Over 200,000 calls one slow call decides the maximum; in some runs it
+  is a garbage collection of about 25 ms in a geventpool round: a full (generation 2) pass
+  walks every object the process holds, and geventpool's call path allocates more objects
+  per call than a bare pool, so such a pass lands in its rounds more often. Diagnosed by
+  pausing the collector during each round (a copy of this script, not the published
+  figures): geventpool's maximum fell from about 25 ms to 6.1 ms, the FIFO pool's was
+  6.8 ms; run alone, geventpool's maximum is 3 to 7 ms. An application with a large heap can
+  make those passes cheap with ``gc.freeze()`` after start-up. p99.9 is the steadier figure.
 - **Three instances through ZooKeeper** run three server processes on the same two cores as
   the client: they add CPU contention, not capacity. Compare it with one instance for the cost
   of discovery and balancing, not for scale.
