@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="geventpool",
-    version="0.1.0",
+    version="0.1.0",  # also geventpool.__version__
     description="Client-side high availability for Thrift services on gevent: "
     "ZooKeeper discovery, a bounded connection pool, failover and alerting.",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
