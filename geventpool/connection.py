@@ -69,7 +69,6 @@ class Connection:
         "_poller",
         "_sock",
         "broken",
-        "calls",
         "created_at",
         "expires_at",
         "instance",
@@ -94,7 +93,6 @@ class Connection:
         self.created_at = self.last_used = clock()
         self.expires_at = expires_at
         self.broken = False
-        self.calls = 0
 
     def call(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float
@@ -135,7 +133,6 @@ class Connection:
             raise
         finally:
             timer.close()
-        self.calls += 1
         self.last_used = self._clock()
         return result
 

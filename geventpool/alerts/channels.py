@@ -168,6 +168,11 @@ def _post(
         return data
 
 
+def _json_string_body(value: str) -> str:
+    """``value`` escaped to stand inside a JSON string (without the quotes)."""
+    return json.dumps(value)[1:-1]
+
+
 def _revealed(headers: Mapping[str, str | Secret], content_type: str) -> dict[str, str]:
     """The request headers, secrets revealed, with ``Content-Type``."""
     plain = {"Content-Type": content_type}
@@ -288,11 +293,9 @@ class SmsChannel:
         self.name = f"sms:{public_url(url.reveal())}"
 
     def send(self, notification: Notification, timeout: float) -> None:
-        quote: Callable[[str], str]
-        if "json" in self._content_type:
-            quote = lambda value: json.dumps(value)[1:-1]  # noqa: E731
-        else:
-            quote = urllib.parse.quote_plus
+        quote: Callable[[str], str] = (
+            _json_string_body if "json" in self._content_type else urllib.parse.quote_plus
+        )
         headers = _revealed(self._headers, self._content_type)
         for recipient in self._recipients:
             body = string.Template(self._template).substitute(
