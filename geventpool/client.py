@@ -242,15 +242,9 @@ class ServiceClient:
         deadline = self._clock() + (self._call_timeout if timeout is None else timeout)
         pool, connection = self._checkout(deadline)
         try:
-            result = connection.call(method, args, kwargs, deadline)
-        except TransportError as error:
-            pool.record_failure(error)
-            raise
+            return call_on(pool, connection, method, args, kwargs, deadline=deadline)
         finally:
             pool.release(connection)
-        if pool.failures:
-            pool.record_success()
-        return result
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[PinnedConnection]:
@@ -426,6 +420,26 @@ class ServiceClient:
         )
 
 
+def call_on(
+    pool: InstancePool,
+    connection: Connection,
+    method: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    deadline: float,
+) -> Any:
+    """Call on a checked-out ``connection`` and tell ``pool`` how its instance did."""
+    try:
+        result = connection.call(method, args, kwargs, deadline)
+    except TransportError as error:
+        pool.record_failure(error)
+        raise
+    if pool.failures:
+        pool.record_success()
+    return result
+
+
 class PinnedConnection:
     """One borrowed connection; ``c.add(1, 2)`` calls on it (see ServiceClient.connection).
 
@@ -460,13 +474,7 @@ class PinnedConnection:
         def remote(*args: Any, **kwargs: Any) -> Any:
             if self.returned:
                 raise PoolError(f"{method}(): the connection was returned to the pool")
-            try:
-                result = self._connection.call(method, args, kwargs, self._clock() + self._limit)
-            except TransportError as error:
-                self._pool.record_failure(error)
-                raise
-            if self._pool.failures:
-                self._pool.record_success()
-            return result
+            deadline = self._clock() + self._limit
+            return call_on(self._pool, self._connection, method, args, kwargs, deadline=deadline)
 
         return remote

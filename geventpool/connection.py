@@ -101,7 +101,7 @@ class Connection:
         (on the connection's clock). See the module for what breaks the connection."""
         remaining = deadline - self._clock()
         if remaining <= 0:  # nothing sent: the connection stays clean
-            raise CallTimeoutError(str(self.instance), method, 0.0)
+            raise CallTimeoutError(str(self.instance), method, 0.0, sent=False)
         client = self._client
         arguments = bind_arguments(client._service, method, args, kwargs)  # noqa: SLF001
         timer = gevent.Timeout(remaining)

@@ -113,12 +113,19 @@ class ConnectError(TransportError):
 
 
 class CallTimeoutError(TransportError):
-    """The call's deadline passed; the request may have been sent. ``timeout`` in seconds."""
+    """The call's deadline passed. ``timeout`` in seconds; ``sent`` tells whether the request
+    may have been sent (False: the deadline was gone before, e.g. spent waiting for a
+    connection, and the instance is not to blame)."""
 
-    def __init__(self, instance: str, method: str, timeout: float) -> None:
+    def __init__(self, instance: str, method: str, timeout: float, *, sent: bool = True) -> None:
         self.method = method
         self.timeout = timeout
-        super().__init__(instance, f"{method}() got no reply within its {timeout:.3f}s deadline")
+        self.sent = sent
+        if sent:
+            reason = f"{method}() got no reply within its {timeout:.3f}s deadline"
+        else:
+            reason = f"{method}(): the deadline passed before the call was sent"
+        super().__init__(instance, reason)
 
 
 class RetriesExhaustedError(GeventPoolError):

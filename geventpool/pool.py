@@ -42,6 +42,7 @@ from gevent.event import AsyncResult
 from geventpool import events
 from geventpool.connection import Connection, open_connection
 from geventpool.errors import (
+    CallTimeoutError,
     ConfigurationError,
     ConnectError,
     PoolClosedError,
@@ -208,14 +209,18 @@ class InstancePool:
             while self._idle:
                 connection = self._idle.pop()
                 if connection.usable(now) and self._ping(connection, deadline):
-                    self._in_use += 1
-                    self.checkouts += 1
-                    return connection
+                    return self._take(connection)
                 self._discard(connection)
             if self._in_use + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
-                return self._open(deadline)
+                return self._take(self._open(deadline))
         return self._wait(deadline)
+
+    def _take(self, connection: Connection) -> Connection:
+        """Count ``connection`` as checked out by the caller it is handed to."""
+        self._in_use += 1
+        self.checkouts += 1
+        return connection
 
     def release(self, connection: Connection) -> None:
         """Check ``connection`` back in: to the oldest waiter, to the idle stack, or closed
@@ -224,7 +229,12 @@ class InstancePool:
         if self._in_use <= 0:
             raise PoolError(f"release of a connection to {self.name} that was not checked out")
         self._in_use -= 1
-        if connection.broken or self.state is not ACTIVE or self._clock() >= connection.expires_at:
+        # last_used was stamped when its call ended: no second clock read on the hot path
+        if (
+            connection.broken
+            or self.state is not ACTIVE
+            or connection.last_used >= connection.expires_at
+        ):
             self._discard(connection)
             self._grant_slot()
             return
@@ -235,9 +245,7 @@ class InstancePool:
             waiter = self._waiters.popleft()
             if waiter.ready():
                 continue  # it left already
-            self._in_use += 1
-            self.checkouts += 1
-            waiter.set(connection)
+            waiter.set(self._take(connection))
             return
         self._idle.append(connection)
 
@@ -283,8 +291,6 @@ class InstancePool:
         if self.state is not ACTIVE:  # retired while we were connecting
             self._discard(connection)
             raise PoolClosedError(f"pool of {self.name} is {self.state}")
-        self._in_use += 1
-        self.checkouts += 1
         return connection
 
     def _wait(self, deadline: float) -> Connection:
@@ -306,7 +312,7 @@ class InstancePool:
             self._abandon(waiter)
             raise self.exhausted(timeout)
         if value is _OPEN_SLOT:
-            return self._open(deadline)
+            return self._take(self._open(deadline))
         if value is _SHUT or value is _EJECTED:
             reason = "was ejected" if value is _EJECTED else f"is {self.state}"
             raise PoolClosedError(f"pool of {self.name} {reason}")
@@ -374,7 +380,10 @@ class InstancePool:
             events.emit(events.INSTANCE_RESTORED, service=self._service_name, instance=self.name)
 
     def record_failure(self, error: BaseException) -> None:
-        """A connect or call failed on the wire; eject after ``eject_after`` in a row."""
+        """A connect or call failed on the wire; eject after ``eject_after`` in a row. A
+        deadline that ran out before anything was sent is not the instance's failure."""
+        if isinstance(error, CallTimeoutError) and not error.sent:
+            return
         self.failures += 1
         self.last_error = repr(error)
         now = self._clock()
@@ -443,8 +452,6 @@ class InstancePool:
                 connection = self._open(self._clock() + settings.connect_timeout)
             except (ConnectError, PoolClosedError):
                 return
-            self._in_use -= 1  # _open counted it as checked out; it goes to a waiter or idle
-            self.checkouts -= 1
             self._deliver(connection)
 
     def shut(self, state: str = RETIRED) -> None:

@@ -414,3 +414,17 @@ def test_a_peer_trickling_one_byte_at_a_time_is_cut_by_the_total_deadline(
         print(f"trickling call cut after {took:.2f}s (deadline 0.5s)")
     finally:
         proxy.stop()
+
+
+def test_a_deadline_spent_before_sending_does_not_count_against_the_instance(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()), pool=settings(eject_after=2))
+    assert client.echo("warm") == "warm"
+    for _ in range(5):  # the deadline is gone before anything can be sent
+        with pytest.raises(CallTimeoutError) as caught:
+            client.echo("late", timeout=1e-9)
+        assert not caught.value.sent and "before" in str(caught.value)
+    [instance] = client.status().instances
+    assert instance.failures == 0 and not instance.ejected
+    assert client.echo("still in rotation") == "still in rotation"
