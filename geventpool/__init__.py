@@ -15,8 +15,13 @@ from geventpool.alerts.channels import (
     WebhookChannel,
 )
 from geventpool.alerts.policy import AlertSettings
-from geventpool.client import ServiceClient, ServiceStatus
+from geventpool.client.pool import InstanceStatus, PoolSettings
+from geventpool.client.service import ServiceClient, ServiceStatus
 from geventpool.config import Config, load_config
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.membership import Membership, MembershipChange
+from geventpool.discovery.registrar import Registrar
+from geventpool.discovery.zk import ZooKeeperConfig, connect
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
@@ -35,13 +40,8 @@ from geventpool.errors import (
     TransportError,
     ZooKeeperUnavailableError,
 )
-from geventpool.instance import Instance
-from geventpool.membership import Membership, MembershipChange
-from geventpool.pool import InstanceStatus, PoolSettings
-from geventpool.registrar import Registrar
 from geventpool.secret import Secret
-from geventpool.server import Registration, ThriftServer
-from geventpool.zk import ZooKeeperConfig, connect
+from geventpool.server.thrift_server import Registration, ThriftServer
 
 __version__ = "0.1.0"
 

@@ -28,10 +28,10 @@ from geventpool.alerts.channels import (
     WebhookChannel,
 )
 from geventpool.alerts.policy import AlertSettings
+from geventpool.client.pool import PoolSettings
+from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
 from geventpool.errors import ConfigurationError
-from geventpool.pool import PoolSettings
 from geventpool.secret import Secret
-from geventpool.zk import DEFAULT_ROOT, ZooKeeperConfig
 
 _REQUIRED = object()
 

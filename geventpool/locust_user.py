@@ -40,12 +40,14 @@ from typing import Any, ClassVar
 from locust import User, events
 from locust.env import Environment
 
-from geventpool.alerts.alerter import Alerter
-from geventpool.client import ServiceClient
-from geventpool.config import load_config
-from geventpool.errors import ConfigurationError
-from geventpool.instance import Instance
-from geventpool.zk import ZooKeeperConfig
+from geventpool import (  # an integration: built on the public API only
+    Alerter,
+    ConfigurationError,
+    Instance,
+    ServiceClient,
+    ZooKeeperConfig,
+    load_config,
+)
 
 REQUEST_TYPE = "thrift"
 

@@ -50,20 +50,20 @@ import gevent.queue  # noqa: E402
 import structlog  # noqa: E402
 from thriftpy2.rpc import make_client  # noqa: E402
 
-from geventpool.client import ServiceClient  # noqa: E402
-from geventpool.connection import Connection  # noqa: E402
+from geventpool.client.connection import Connection  # noqa: E402
+from geventpool.client.pool import PoolSettings  # noqa: E402
+from geventpool.client.service import ServiceClient  # noqa: E402
+from geventpool.discovery.instance import Instance  # noqa: E402
+from geventpool.discovery.membership import Membership  # noqa: E402
+from geventpool.discovery.payloads import encode_instance  # noqa: E402
+from geventpool.discovery.zk import connect  # noqa: E402
 from geventpool.errors import GeventPoolError  # noqa: E402
-from geventpool.instance import Instance  # noqa: E402
-from geventpool.membership import Membership  # noqa: E402
-from geventpool.payloads import encode_instance  # noqa: E402
-from geventpool.pool import PoolSettings  # noqa: E402
 from geventpool.testing.echo import echo_thrift  # noqa: E402
 from geventpool.testing.processes import (  # noqa: E402
     ServerProcess,
     start_registered_server,
 )
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
-from geventpool.zk import connect  # noqa: E402
 
 MESSAGE = "0123456789abcdef"  # 16 bytes
 Call = Callable[[], object]

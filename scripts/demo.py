@@ -34,9 +34,9 @@ import structlog  # noqa: E402
 from geventpool.alerts.alerter import Alerter  # noqa: E402
 from geventpool.alerts.channels import WebhookChannel  # noqa: E402
 from geventpool.alerts.policy import AlertSettings  # noqa: E402
-from geventpool.client import ServiceClient  # noqa: E402
+from geventpool.client.pool import PoolSettings  # noqa: E402
+from geventpool.client.service import ServiceClient  # noqa: E402
 from geventpool.errors import GeventPoolError  # noqa: E402
-from geventpool.pool import PoolSettings  # noqa: E402
 from geventpool.secret import Secret  # noqa: E402
 from geventpool.testing.echo import echo_thrift  # noqa: E402
 from geventpool.testing.http_receiver import HttpReceiver  # noqa: E402

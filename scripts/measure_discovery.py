@@ -23,11 +23,11 @@ from pathlib import Path  # noqa: E402
 import gevent.event  # noqa: E402
 import structlog  # noqa: E402
 
-from geventpool.instance import Instance  # noqa: E402
-from geventpool.membership import Instances, Membership, MembershipChange  # noqa: E402
-from geventpool.payloads import encode_instance  # noqa: E402
+from geventpool.discovery.instance import Instance  # noqa: E402
+from geventpool.discovery.membership import Instances, Membership, MembershipChange  # noqa: E402
+from geventpool.discovery.payloads import encode_instance  # noqa: E402
+from geventpool.discovery.zk import connect  # noqa: E402
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
-from geventpool.zk import connect  # noqa: E402
 
 PATH = "/geventpool/bench"
 

@@ -31,12 +31,12 @@ import pytest
 import structlog
 from kazoo.client import KazooClient
 
-from geventpool.server import ThriftServer
+from geventpool.discovery.zk import ZooKeeperConfig, connect
+from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer
-from geventpool.zk import ZooKeeperConfig, connect
 
 DEFAULT_TEST_TIMEOUT = 60.0
 LOGS = pytest.StashKey[list[Path]]()

@@ -8,8 +8,8 @@ from typing import Any
 
 import gevent
 
-from geventpool.instance import Instance
-from geventpool.payloads import encode_instance
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.payloads import encode_instance
 
 
 def events_named(logs: list[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:

@@ -32,12 +32,12 @@ from geventpool.alerts.channels import (
 )
 from geventpool.alerts.notification import Notification
 from geventpool.alerts.policy import AlertSettings
-from geventpool.client import ServiceClient
+from geventpool.client.pool import PoolSettings
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.instance import Instance
 from geventpool.errors import PoolExhaustedError
-from geventpool.instance import Instance
-from geventpool.pool import PoolSettings
 from geventpool.secret import Secret
-from geventpool.server import ThriftServer
+from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.http_receiver import HttpReceiver

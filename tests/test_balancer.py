@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from geventpool.balancer import LeastInUse, RoundRobin, make_balancer
+from geventpool.client.balancer import LeastInUse, RoundRobin, make_balancer
+from geventpool.discovery.instance import Instance
 from geventpool.errors import ConfigurationError
-from geventpool.instance import Instance
 
 
 @dataclass(eq=False)

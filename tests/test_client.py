@@ -14,7 +14,9 @@ import pytest
 from thriftpy2.thrift import TApplicationException
 
 from geventpool import events
-from geventpool.client import ServiceClient
+from geventpool.client.pool import PoolSettings
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
@@ -26,9 +28,7 @@ from geventpool.errors import (
     RetriesExhaustedError,
     TransportError,
 )
-from geventpool.instance import Instance
-from geventpool.pool import PoolSettings
-from geventpool.server import ThriftServer
+from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess

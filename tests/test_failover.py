@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import gevent
 import pytest
 
-from geventpool.client import ServiceClient
+from geventpool.client.pool import PoolSettings
+from geventpool.client.service import ServiceClient
 from geventpool.errors import CallTimeoutError, TransportError
-from geventpool.pool import PoolSettings
-from geventpool.server import Registration, ThriftServer
+from geventpool.server.thrift_server import Registration, ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
 from helpers import wait_until

@@ -11,11 +11,11 @@ from pathlib import Path
 import gevent
 import pytest
 
-from geventpool.client import ServiceClient
-from geventpool.pool import PoolSettings
+from geventpool.client.pool import PoolSettings
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.zk import ZooKeeperConfig
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
-from geventpool.zk import ZooKeeperConfig
 
 
 def local_ports(client: ServiceClient) -> set[int]:

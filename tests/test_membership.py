@@ -12,9 +12,9 @@ import pytest
 from kazoo.client import KazooClient
 
 from geventpool import events
-from geventpool.instance import Instance
-from geventpool.membership import Instances, Membership, MembershipChange
-from geventpool.registrar import Registrar
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.membership import Instances, Membership, MembershipChange
+from geventpool.discovery.registrar import Registrar
 from geventpool.testing.faults import TcpProxy, expire_session
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import ZooKeeperEnsemble, ZooKeeperServer

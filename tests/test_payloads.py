@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.payloads import DEFAULT_MAX_PAYLOAD, decode_instance, encode_instance
 from geventpool.errors import InvalidInstanceError
-from geventpool.instance import Instance
-from geventpool.payloads import DEFAULT_MAX_PAYLOAD, decode_instance, encode_instance
 from helpers import curator, finagle, native
 
 

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from geventpool.connection import Connection
+from geventpool.client.connection import Connection
+from geventpool.client.pool import InstancePool, PoolSettings
+from geventpool.discovery.instance import Instance
 from geventpool.errors import ConnectError, PoolExhaustedError
-from geventpool.instance import Instance
-from geventpool.pool import InstancePool, PoolSettings
 
 MAX = 3
 INSTANCE = Instance(host="127.0.0.1", port=9)

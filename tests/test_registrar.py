@@ -13,13 +13,13 @@ from kazoo.client import KazooClient
 from kazoo.security import make_acl
 
 from geventpool import events
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.payloads import decode_instance
+from geventpool.discovery.registrar import Registrar
+from geventpool.discovery.zk import ZooKeeperConfig, connect
 from geventpool.errors import RegistrationError, ZooKeeperUnavailableError
-from geventpool.instance import Instance
-from geventpool.payloads import decode_instance
-from geventpool.registrar import Registrar
 from geventpool.testing.faults import TcpProxy, expire_session
 from geventpool.testing.zookeeper import ZooKeeperServer, free_port
-from geventpool.zk import ZooKeeperConfig, connect
 from helpers import events_named, wait_until
 
 INSTANCE = Instance(host="127.0.0.1", port=9090, zone="z1", version="1.0")

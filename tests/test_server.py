@@ -17,12 +17,12 @@ from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TCyFramedTransportFactory, TTransportException
 
 from geventpool import events
+from geventpool.discovery.zk import ZooKeeperConfig
 from geventpool.errors import ConfigurationError
-from geventpool.server import Registration, ThriftServer
+from geventpool.server.thrift_server import Registration, ThriftServer
 from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
-from geventpool.zk import ZooKeeperConfig
 from helpers import events_named, wait_until
 
 

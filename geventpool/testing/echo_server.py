@@ -18,9 +18,9 @@ import sys  # noqa: E402
 
 import structlog  # noqa: E402
 
-from geventpool.server import Registration, ThriftServer  # noqa: E402
+from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig  # noqa: E402
+from geventpool.server.thrift_server import Registration, ThriftServer  # noqa: E402
 from geventpool.testing.echo import EchoHandler, echo_thrift  # noqa: E402
-from geventpool.zk import DEFAULT_ROOT, ZooKeeperConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import gevent
 from gevent.server import StreamServer
 from kazoo.client import KazooClient
 
-from geventpool.zk import make_client
+from geventpool.discovery.zk import make_client
 
 
 def expire_session(client: KazooClient, hosts: str, timeout: float = 10.0) -> None:

@@ -22,8 +22,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
+from geventpool.discovery.instance import Instance
 from geventpool.errors import InvalidInstanceError
-from geventpool.instance import Instance
 
 NATIVE_SCHEMA_VERSION = 1
 DEFAULT_MAX_PAYLOAD = 64 * 1024

@@ -40,7 +40,8 @@ from typing import Any
 from gevent.event import AsyncResult
 
 from geventpool import events
-from geventpool.connection import Connection, open_connection
+from geventpool.client.connection import Connection, open_connection
+from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
@@ -50,7 +51,6 @@ from geventpool.errors import (
     PoolExhaustedError,
     TransportError,
 )
-from geventpool.instance import Instance
 from geventpool.validation import check_seconds
 
 ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
@@ -215,6 +215,25 @@ class InstancePool:
                 self._opening += 1  # reserve the slot before the connect yields
                 return self._take(self._open(deadline))
         return self._wait(deadline)
+
+    def call(
+        self,
+        connection: Connection,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float,
+    ) -> Any:
+        """Call on ``connection`` (checked out from this pool) and count how the instance did:
+        a failure on the wire towards ejection, a success as the end of a failure streak."""
+        try:
+            result = connection.call(method, args, kwargs, deadline)
+        except TransportError as error:
+            self.record_failure(error)
+            raise
+        if self.failures:
+            self.record_success()
+        return result
 
     def _take(self, connection: Connection) -> Connection:
         """Count ``connection`` as checked out by the caller it is handed to."""

@@ -121,3 +121,9 @@ def service_path(service: str, root: str = DEFAULT_ROOT) -> str:
     if not isinstance(root, str) or not root.startswith("/") or "//" in root:
         raise ConfigurationError(f"root must be an absolute ZooKeeper path, not {root!r}")
     return f"{root.rstrip('/')}/{service}"
+
+
+def describe_hosts(client: KazooClient) -> str:
+    """The connect string of ``client``, for messages (``host:port,...`` plus chroot)."""
+    hosts = ",".join(f"{host}:{port}" for host, port in client.hosts)
+    return hosts + (client.chroot or "")

@@ -35,17 +35,11 @@ from kazoo.exceptions import (
 from kazoo.protocol.states import WatchedEvent
 
 from geventpool import events
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.payloads import encode_instance
+from geventpool.discovery.reconcile import CONNECTION_ERRORS, ReconcileLoop
+from geventpool.discovery.zk import DEFAULT_ROOT, describe_hosts, service_path
 from geventpool.errors import RegistrationError, ZooKeeperUnavailableError
-from geventpool.instance import Instance
-from geventpool.payloads import encode_instance
-from geventpool.reconcile import CONNECTION_ERRORS, ReconcileLoop
-from geventpool.zk import DEFAULT_ROOT, service_path
-
-
-def describe_hosts(client: KazooClient) -> str:
-    """The connect string of ``client``, for messages (``host:port,...`` plus chroot)."""
-    hosts = ",".join(f"{host}:{port}" for host, port in client.hosts)
-    return hosts + (client.chroot or "")
 
 
 class Registrar:

@@ -15,8 +15,8 @@ import random
 from collections.abc import Collection, Sequence
 from typing import Protocol, TypeVar
 
+from geventpool.discovery.instance import Instance
 from geventpool.errors import ConfigurationError
-from geventpool.instance import Instance
 
 
 class Candidate(Protocol):

@@ -32,13 +32,12 @@ from kazoo.exceptions import NoNodeError
 from kazoo.protocol.states import WatchedEvent
 
 from geventpool import events
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.payloads import DEFAULT_MAX_PAYLOAD, decode_instance
+from geventpool.discovery.reconcile import ReconcileLoop
+from geventpool.discovery.zk import DEFAULT_ROOT, describe_hosts, service_path
 from geventpool.errors import ConfigurationError, InvalidInstanceError, ZooKeeperUnavailableError
-from geventpool.instance import Instance
-from geventpool.payloads import DEFAULT_MAX_PAYLOAD, decode_instance
-from geventpool.reconcile import ReconcileLoop
-from geventpool.registrar import describe_hosts
 from geventpool.validation import check_seconds
-from geventpool.zk import DEFAULT_ROOT, service_path
 
 Instances = Mapping[str, Instance]
 """A read-only mapping of znode name to instance."""

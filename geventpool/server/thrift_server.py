@@ -36,32 +36,18 @@ import gevent.event
 import gevent.pool
 from gevent.server import StreamServer
 from kazoo.client import KazooClient
-from thriftpy2.protocol import TCompactProtocolFactory, TCyBinaryProtocolFactory
 from thriftpy2.thrift import TApplicationException, TException, TProcessor
-from thriftpy2.transport import TCyBufferedTransportFactory, TCyFramedTransportFactory, TSocket
+from thriftpy2.transport import TSocket
 
 from geventpool import events
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.registrar import Registrar
+from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig, connect
 from geventpool.errors import ConfigurationError
-from geventpool.instance import PROTOCOLS, TRANSPORTS, Instance
-from geventpool.registrar import Registrar
 from geventpool.validation import check_seconds
-from geventpool.zk import DEFAULT_ROOT, ZooKeeperConfig, connect
+from geventpool.wire.codecs import protocol_factory, transport_factory
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
-
-
-def transport_factory(transport: str) -> Any:
-    """The (Cython) thriftpy2 transport factory for ``buffered`` or ``framed``."""
-    if transport not in TRANSPORTS:
-        raise ConfigurationError(f"transport must be one of {sorted(TRANSPORTS)}")
-    return TCyFramedTransportFactory() if transport == "framed" else TCyBufferedTransportFactory()
-
-
-def protocol_factory(protocol: str) -> Any:
-    """The thriftpy2 protocol factory for ``binary`` (Cython) or ``compact``."""
-    if protocol not in PROTOCOLS:
-        raise ConfigurationError(f"protocol must be one of {sorted(PROTOCOLS)}")
-    return TCompactProtocolFactory() if protocol == "compact" else TCyBinaryProtocolFactory()
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from geventpool.errors import InvalidInstanceError
+from geventpool.wire.codecs import PROTOCOLS, TRANSPORTS
 
-TRANSPORTS = frozenset({"buffered", "framed"})
-PROTOCOLS = frozenset({"binary", "compact"})
 SOURCES = frozenset({"native", "curator", "finagle"})
 
 MAX_WEIGHT = 10_000.0

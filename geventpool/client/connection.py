@@ -21,7 +21,6 @@ a timeout or a half-written request the next caller could read someone else's re
 from __future__ import annotations
 
 import contextlib
-import functools
 import select
 import socket
 import time
@@ -31,32 +30,23 @@ from typing import Any
 import gevent
 import gevent.socket
 from gevent import monkey
-from thriftpy2.protocol.cybin import ProtocolError  # type: ignore[attr-defined]
-from thriftpy2.protocol.exc import TProtocolException
-from thriftpy2.thrift import TClient, TDecodeException, TException
+from thriftpy2.thrift import TClient, TException
 from thriftpy2.transport import TSocket, TTransportException
 
+from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConnectError,
     InvalidArgumentsError,
     TransportError,
 )
-from geventpool.instance import Instance
-from geventpool.server import protocol_factory, transport_factory
+from geventpool.wire.arguments import bind_arguments
+from geventpool.wire.codecs import WIRE_ERRORS, protocol_factory, transport_factory
 
 # The health check polls without blocking, with the unpatched poll: select() cannot watch a
 # descriptor >= 1024 and would call every connection of a busy process dead.
 _poll = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI
-_WIRE_ERRORS = (
-    OSError,
-    EOFError,
-    TTransportException,
-    TProtocolException,
-    TDecodeException,
-    ProtocolError,
-)
 
 
 class Connection:
@@ -116,7 +106,7 @@ class Connection:
             oneway = getattr(client._service, f"{method}_result").oneway  # noqa: SLF001
             result = None if oneway else client._recv(method)  # noqa: SLF001
         except TException as error:
-            if isinstance(error, _WIRE_ERRORS):
+            if isinstance(error, WIRE_ERRORS):
                 self.broken = True
                 raise TransportError(str(self.instance), f"{method}(): {error!r}") from error
             raise  # a complete reply: declared exception or TApplicationException
@@ -125,7 +115,7 @@ class Connection:
             if error is not timer:
                 raise
             raise CallTimeoutError(str(self.instance), method, remaining) from None
-        except _WIRE_ERRORS as error:
+        except WIRE_ERRORS as error:
             self.broken = True
             raise TransportError(str(self.instance), f"{method}(): {error!r}") from error
         except BaseException:
@@ -155,44 +145,6 @@ class Connection:
         self.broken = True
         with contextlib.suppress(OSError):
             self._sock.close()
-
-
-@functools.lru_cache(maxsize=4096)
-def _signature(service: Any, method: str) -> tuple[tuple[str, ...], frozenset[str]]:
-    """The argument names of ``method`` in IDL order, and the required ones."""
-    try:
-        spec = getattr(service, f"{method}_args").thrift_spec
-    except AttributeError:
-        raise InvalidArgumentsError(method, "no such method in the service") from None
-    fields = [spec[key] for key in sorted(spec)]
-    names = tuple(field[1] for field in fields)
-    required = frozenset(field[1] for field in fields if field[-1] is True)
-    return names, required
-
-
-def bind_arguments(
-    service: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """Map a call's arguments to the IDL's names, as Python binds a call: too many, unknown,
-    repeated or missing required arguments raise :class:`InvalidArgumentsError`."""
-    names, required = _signature(service, method)
-    if not kwargs and len(args) == len(names):  # the common call: every argument, in order
-        return dict(zip(names, args, strict=True))
-    if len(args) > len(names):
-        raise InvalidArgumentsError(
-            method, f"takes {len(names)} arguments ({', '.join(names)}), {len(args)} given"
-        )
-    arguments = dict(zip(names, args, strict=False))
-    for name, value in kwargs.items():
-        if name not in names:
-            raise InvalidArgumentsError(method, f"unexpected argument {name!r}")
-        if name in arguments:
-            raise InvalidArgumentsError(method, f"argument {name!r} given twice")
-        arguments[name] = value
-    missing = required - arguments.keys()
-    if missing:
-        raise InvalidArgumentsError(method, f"missing required arguments {sorted(missing)}")
-    return arguments
 
 
 def open_connection(

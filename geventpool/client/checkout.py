@@ -1,0 +1,86 @@
+"""Getting a connection for one call: choose an instance, borrow from its pool, fail over.
+
+:class:`Checkout` promises:
+
+* **Safe failover.** A failure to connect (:class:`~geventpool.errors.ConnectError`: nothing
+  was sent) or a pool that retired or ejected its instance while the caller waited is retried
+  on another instance, at most ``retries`` more times and never past the call's deadline;
+  every attempt is kept in :class:`~geventpool.errors.RetriesExhaustedError`.
+* **Never nowhere to go while an instance exists.** If every instance is ejected, the least
+  loaded one is tried anyway.
+* **Bounded exhaustion.** A wait that runs out raises the service-wide
+  :class:`~geventpool.errors.PoolExhaustedError` from the :class:`ExhaustionReporter`.
+* A call that succeeds at once allocates nothing here: the lists of failed attempts are made
+  only after a failure.
+
+The retry policy and the routing of the next issues (budgets, idempotent retries after
+sending, routing around slow instances) grow here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from geventpool.client.balancer import Balancer
+from geventpool.client.connection import Connection
+from geventpool.client.exhaustion import ExhaustionReporter
+from geventpool.client.pool import ACTIVE, InstancePool
+from geventpool.client.pools import ServicePools
+from geventpool.errors import (
+    ConnectError,
+    GeventPoolError,
+    NoInstancesError,
+    PoolClosedError,
+    PoolExhaustedError,
+    RetriesExhaustedError,
+)
+
+
+class Checkout:
+    """Borrows connections from ``pools`` as ``balancer`` chooses, trying others on failure."""
+
+    def __init__(
+        self,
+        service_name: str,
+        pools: ServicePools,
+        balancer: Balancer,
+        exhaustion: ExhaustionReporter,
+        *,
+        retries: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._service_name = service_name
+        self._pools = pools
+        self._balancer = balancer
+        self._exhaustion = exhaustion
+        self._retries = retries
+        self._clock = clock
+
+    def acquire(self, deadline: float) -> tuple[InstancePool, Connection]:
+        """A pool and a connection from it, by ``deadline`` (clock seconds) at the latest."""
+        tried: tuple[InstancePool, ...] = ()
+        attempts: tuple[GeventPoolError, ...] = ()
+        pools = self._pools
+        while True:
+            now = self._clock()
+            pool = self._balancer.choose(pools.active, now, tried) or self._any_pool(tried)
+            if pool is None:
+                if attempts:
+                    raise RetriesExhaustedError(self._service_name, list(attempts))
+                if pools.closed:
+                    raise PoolClosedError(f"client of {self._service_name!r} is closed")
+                raise NoInstancesError(self._service_name)
+            try:
+                return pool, pool.acquire(deadline)
+            except (ConnectError, PoolClosedError) as error:
+                tried, attempts = (*tried, pool), (*attempts, error)
+                if len(attempts) > self._retries or self._clock() >= deadline:
+                    raise RetriesExhaustedError(self._service_name, list(attempts)) from error
+            except PoolExhaustedError as error:
+                raise self._exhaustion.report(pools.active, error.timeout) from None
+
+    def _any_pool(self, tried: Sequence[InstancePool]) -> InstancePool | None:
+        """Every instance is ejected: rather than fail, try the least loaded one anyway."""
+        candidates = [p for p in self._pools.active if p.state is ACTIVE and p not in tried]
+        return min(candidates, key=lambda p: p.in_use + p.waiting, default=None)

@@ -1,0 +1,52 @@
+"""A connection borrowed for several calls (``with client.connection() as c:``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from geventpool.client.connection import Connection
+from geventpool.client.pool import InstancePool
+from geventpool.discovery.instance import Instance
+from geventpool.errors import PoolError
+
+
+class PinnedConnection:
+    """One borrowed connection; ``c.add(1, 2)`` calls on it, each call bounded by ``limit``
+    seconds (see :meth:`~geventpool.client.service.ServiceClient.connection`).
+
+    Once the ``with`` block ends the connection is back in the pool, perhaps with another
+    caller: calls then raise :class:`~geventpool.errors.PoolError`.
+    """
+
+    def __init__(
+        self,
+        pool: InstancePool,
+        connection: Connection,
+        limit: float,
+        clock: Callable[[], float],
+        methods: frozenset[str],
+    ) -> None:
+        self._methods = methods
+        self.returned = False
+        self._pool = pool
+        self._connection = connection
+        self._limit = limit
+        self._clock = clock
+
+    @property
+    def instance(self) -> Instance:
+        """The instance this connection goes to."""
+        return self._connection.instance
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_") or method not in self._methods:
+            raise AttributeError(f"the service has no method {method!r}")
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            if self.returned:
+                raise PoolError(f"{method}(): the connection was returned to the pool")
+            deadline = self._clock() + self._limit
+            return self._pool.call(self._connection, method, args, kwargs, deadline)
+
+        return remote

@@ -1,0 +1,287 @@
+"""The client: one object per service that every caller greenlet shares.
+
+``client.add(1, 2)`` (or ``client.call("add", 1, 2)``) borrows a connection from one live
+instance's pool, makes the call and gives the connection back. :class:`ServiceClient` promises:
+
+* **A total deadline** per call (``timeout``, default ``call_timeout``) over choosing, waiting
+  for a connection, connecting, sending and receiving.
+* **Safe failover.** A failure to connect (nothing was sent) is retried on another instance,
+  up to ``retries`` times within the deadline; every attempt is kept in
+  :class:`~geventpool.errors.RetriesExhaustedError`. A call that may have been sent is never
+  retried: :class:`~geventpool.errors.TransportError` or
+  :class:`~geventpool.errors.CallTimeoutError` reach the caller, and the connection is closed.
+* **Local ejection** of an instance after repeated failures, long before ZooKeeper's session
+  timeout removes it; if every instance is ejected, the least loaded is tried anyway.
+* **Bounded exhaustion.** When every instance's pool is full and the wait runs out, the caller
+  gets :class:`~geventpool.errors.PoolExhaustedError` with the service-wide numbers, and a
+  ``pool_exhausted`` event (at most one a second, with the count suppressed) tells operators to
+  add instances.
+* **Membership drives the pools**: a joining instance is usable at once (``min_idle``
+  connections opened), a leaving one gets no new calls, its idle connections close at once and
+  its busy ones at check-in.
+* **Fork safety**: a client used in a forked child rebuilds itself there and never touches the
+  parent's sockets or ZooKeeper session (:mod:`geventpool.client.forking`).
+* The instances come from ZooKeeper (``zookeeper=``) or from a fixed list (``instances=``).
+
+It is the wiring of parts: a source of instances (:mod:`~geventpool.client.source`) feeds the
+service's pools (:mod:`~geventpool.client.pools`); :mod:`~geventpool.client.checkout` borrows
+a connection for each call, failing over and reporting exhaustion
+(:mod:`~geventpool.client.exhaustion`); the pool counts how the instance did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kazoo.client import KazooClient
+
+from geventpool import events
+from geventpool.client import forking
+from geventpool.client.balancer import make_balancer
+from geventpool.client.checkout import Checkout
+from geventpool.client.exhaustion import ExhaustionReporter
+from geventpool.client.pinned import PinnedConnection
+from geventpool.client.pool import InstanceStatus, PoolSettings
+from geventpool.client.pools import ServicePools
+from geventpool.client.source import RegistryInstances, StaticInstances
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.membership import Membership
+from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
+from geventpool.errors import ConfigurationError, PoolClosedError
+from geventpool.validation import check_seconds
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """A snapshot of a client: totals over its instances, and each instance's numbers."""
+
+    service: str
+    started: bool
+    in_use: int
+    idle: int
+    waiters: int
+    max_connections: int
+    exhausted: int
+    instances: tuple[InstanceStatus, ...]
+
+
+class ServiceClient:
+    """A highly available client of the thriftpy2 ``service`` (e.g. ``calc_thrift.Calculator``).
+
+    ``name`` is the service's name in the registry (``<root>/<name>``), or give ``path``.
+    Give ``zookeeper`` (a connect string, a :class:`ZooKeeperConfig`, or a started kazoo client
+    the caller owns) or a fixed list of ``instances``. ``pool`` sets each instance's pool;
+    ``balancer`` is ``least_in_use`` (default) or ``round_robin``; ``call_timeout`` is the
+    default deadline of a call in seconds; ``retries`` how many other instances a call may try
+    when connecting fails; ``empty_protection`` is passed to the :class:`Membership`.
+
+    IDL methods whose names clash with this class's own (``start``, ``stop``, ``call``,
+    ``status``, ``connection``) are called with ``client.call("stop", ...)``.
+    """
+
+    def __init__(
+        self,
+        service: Any,
+        name: str | None = None,
+        *,
+        zookeeper: str | ZooKeeperConfig | KazooClient | None = None,
+        instances: Iterable[Instance] | None = None,
+        root: str = DEFAULT_ROOT,
+        path: str | None = None,
+        pool: PoolSettings | None = None,
+        balancer: str = "least_in_use",
+        call_timeout: float = 5.0,
+        retries: int = 2,
+        empty_protection: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if (zookeeper is None) == (instances is None):
+            raise ConfigurationError("give either zookeeper= or instances=, not both or neither")
+        if not hasattr(service, "thrift_services"):
+            raise ConfigurationError(f"{service!r} is not a thriftpy2 service")
+        check_seconds("call_timeout", call_timeout)
+        if not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"retries must be an integer >= 0, not {retries!r}")
+        make_balancer(balancer)  # a bad name fails here, not at the first call
+        self._service = service
+        self.name = name or (path.rsplit("/", 1)[-1] if path else service.__name__)
+        self._zookeeper = zookeeper
+        self._static = tuple(instances) if instances is not None else None
+        self._root = root
+        self._path = path
+        self._settings = pool or PoolSettings()
+        self._balancer_name = balancer
+        self._call_timeout = float(call_timeout)
+        self._retries = retries
+        self._empty_protection = empty_protection
+        self._clock = clock
+        self._methods = frozenset(service.thrift_services)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh parts: at construction, and in a forked child before it rebuilds."""
+        self._source: StaticInstances | RegistryInstances
+        if self._static is not None:
+            self._source = StaticInstances(self._static)
+        else:
+            assert self._zookeeper is not None
+            self._source = RegistryInstances(
+                self._zookeeper,
+                None if self._path else self.name,
+                root=self._root,
+                path=self._path,
+                empty_protection=self._empty_protection,
+            )
+        self._pools = ServicePools(self.name, self._service, self._settings, clock=self._clock)
+        self._exhaustion = ExhaustionReporter(self.name, clock=self._clock)
+        self._checkout = Checkout(
+            self.name,
+            self._pools,
+            make_balancer(self._balancer_name),
+            self._exhaustion,
+            retries=self._retries,
+            clock=self._clock,
+        ).acquire
+        self._started = False
+        self._closed = False
+        self._forked = False
+
+    @property
+    def _membership(self) -> Membership | None:
+        return self._source.membership
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Load the instances and start the pools' reaper. Called by the first call if needed.
+
+        Raises :class:`~geventpool.errors.ZooKeeperUnavailableError` if ZooKeeper does not
+        answer within ``timeout`` seconds.
+        """
+        if self._closed:
+            raise PoolClosedError(f"client of {self.name!r} is closed")
+        if self._started:
+            return
+        self._pools.apply(self._source.start(self._pools.on_change, timeout), ())
+        self._pools.start_reaper()
+        self._started = True
+        forking.track(self)
+        events.emit(
+            events.CLIENT_STARTED,
+            service=self.name,
+            instances=len(self._pools),
+            max_connections=self._settings.max_connections,
+            balancer=self._balancer_name,
+        )
+
+    def stop(self) -> None:
+        """Stop: no new calls (PoolClosedError), idle connections close now, busy ones at
+        check-in; membership and the owned ZooKeeper client stop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        forking.untrack(self)
+        self._source.stop()
+        self._pools.close()
+        events.emit(events.CLIENT_STOPPED, service=self.name)
+
+    def __enter__(self) -> ServiceClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        if method.startswith("_") or method not in self._methods:
+            raise AttributeError(f"{self._service.__name__} has no method {method!r}")
+
+        def remote(*args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+            return self.call(method, *args, timeout=timeout, **kwargs)
+
+        remote.__name__ = method
+        self.__dict__[method] = remote  # found directly from now on
+        return remote
+
+    def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call ``method`` on one instance and return its result (or raise what it raised).
+
+        ``timeout`` is this call's total deadline in seconds (default ``call_timeout``).
+        """
+        if not self._started or self._forked:
+            self._ensure_started()
+        deadline = self._clock() + (self._call_timeout if timeout is None else timeout)
+        pool, connection = self._checkout(deadline)
+        try:
+            return pool.call(connection, method, args, kwargs, deadline)
+        finally:
+            pool.release(connection)
+
+    @contextlib.contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[PinnedConnection]:
+        """Borrow one connection for several calls: ``with client.connection() as c:``.
+
+        ``timeout`` bounds getting the connection and each call made on it. The connection
+        goes back at the end of the block, or is closed if a call did not complete cleanly.
+        """
+        if not self._started or self._forked:
+            self._ensure_started()
+        limit = self._call_timeout if timeout is None else timeout
+        pool, connection = self._checkout(self._clock() + limit)
+        pinned = PinnedConnection(pool, connection, limit, self._clock, self._methods)
+        try:
+            yield pinned
+        finally:
+            pinned.returned = True
+            pool.release(connection)
+
+    def _ensure_started(self) -> None:
+        if self._forked:
+            self._rebuild_after_fork()
+        self.start()
+
+    # -- fork safety ---------------------------------------------------------------------------
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child, inside the fork: kill every inherited descriptor (see
+        :mod:`geventpool.client.forking`); the client rebuilds itself on its next use."""
+        self._forked = True
+        forking.kill_descriptors(self._pools.descriptors())
+        self._source.after_fork_in_child()
+
+    def _rebuild_after_fork(self) -> None:
+        self._source.abandon_after_fork(self.name)
+        self._pools.forget()
+        self._reset()  # the parent's ZooKeeper client is abandoned, never stopped from here
+        events.emit(events.CLIENT_REBUILT_AFTER_FORK, service=self.name)
+
+    # -- status --------------------------------------------------------------------------------
+
+    @property
+    def zookeeper_session(self) -> int | None:
+        """The id of this client's ZooKeeper session (None without ZooKeeper or before start)."""
+        membership = self._source.membership
+        if membership is None:
+            return None
+        client_id = membership.client.client_id
+        return client_id[0] if client_id else None
+
+    def status(self) -> ServiceStatus:
+        """A snapshot of every instance's pool and the totals."""
+        instances = self._pools.status()
+        return ServiceStatus(
+            service=self.name,
+            started=self._started and not self._closed,
+            in_use=sum(s.in_use for s in instances),
+            idle=sum(s.idle for s in instances),
+            waiters=sum(s.waiters for s in instances),
+            max_connections=sum(s.max_connections for s in instances),
+            exhausted=self._exhaustion.count,
+            instances=instances,
+        )
