@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat setup.py | sha1sum | cut -c1-12)
+stamp=.venv/.installed-$({ cat setup.py pyproject.toml; grep __version__ geventpool/__init__.py; } | sha1sum | cut -c1-12)
 if [[ ! -f $stamp ]]; then
   if ! { .venv/bin/python -m pip install -q --upgrade pip &&
          .venv/bin/python -m pip install -q -e '.[test,load,bench]'; } >.venv/pip.log 2>&1; then
