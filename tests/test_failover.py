@@ -24,10 +24,16 @@ from helpers import wait_until
 
 @dataclass
 class Load:
-    """Greenlets calling whoami() (plus a short sleep) in a loop until stopped."""
+    """Greenlets calling slow_echo() and whoami() in a loop until stopped (at most ``lifetime``).
+
+    Every exception a call raises is recorded in ``failures``, whatever its type, so that an
+    unexpected error shows up as a failure instead of silently ending a greenlet; ``stop`` fails
+    the test if any greenlet ended before it was stopped.
+    """
 
     client: ServiceClient
     seconds_per_call: float = 0.02
+    lifetime: float = 120.0
     served: Counter[str] = field(default_factory=Counter)
     failures: list[tuple[float, Exception]] = field(default_factory=list)
     greenlets: list[gevent.Greenlet] = field(default_factory=list)
@@ -36,15 +42,19 @@ class Load:
         self.greenlets = [gevent.spawn(self._loop) for _ in range(callers)]
 
     def _loop(self) -> None:
-        while True:
+        end = time.monotonic() + self.lifetime
+        while time.monotonic() < end:
             try:
                 self.client.call("slow_echo", "x", self.seconds_per_call)
                 self.served[self.client.whoami()] += 1
-            except (TransportError, OSError) as error:
+            except Exception as error:
                 self.failures.append((time.monotonic(), error))
 
     def stop(self) -> None:
+        ended = [g for g in self.greenlets if g.dead]
         gevent.killall(self.greenlets, block=True, timeout=5)
+        self.greenlets = []
+        assert not ended, f"{len(ended)} load greenlets ended early: {ended[0].exception!r}"
 
 
 @pytest.fixture
@@ -101,6 +111,7 @@ def test_a_sigkilled_server_costs_only_its_calls_in_flight_and_is_ejected_before
     assert victim.address in client._membership.instances  # ZooKeeper has not noticed yet
     failures = [error for _, error in running.failures]
     assert failures, "the calls in flight on the killed server should have failed"
+    assert all(isinstance(error, TransportError) for error in failures), failures
     assert len(failures) <= 5  # at most its max_connections calls were in flight
     assert not any(isinstance(error, CallTimeoutError) for error in failures)  # failed fast
     assert all(at - killed_at < 1.0 for at, _ in running.failures)
