@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,18 +310,37 @@ def test_a_callable_channel_gets_the_notification(alerter: Callable[..., Alerter
     assert received[1].status == "resolved"
 
 
-@pytest.mark.gevent_timeout(60)
+class WatchedWebhook(WebhookChannel):
+    """A webhook channel that counts its delivery attempts and says whether one is under way."""
+
+    attempts = 0
+    delivering = False
+
+    def send(self, notification: Notification, timeout: float) -> None:
+        self.attempts += 1
+        self.delivering = True
+        try:
+            super().send(notification, timeout)
+        finally:
+            self.delivering = False
+
+
 def test_black_holed_and_refusing_endpoints_never_slow_a_call_and_are_retried_then_dropped(
     receiver: HttpReceiver,
     alerter: Callable[..., Alerter],
     serve: Callable[..., ThriftServer],
     captured: list[MutableMapping[str, Any]],
 ) -> None:
+    """Calls keep completing while a delivery attempt hangs. Counted, not timed: a call counts
+    when it starts and ends within one hanging attempt, which is impossible if the delivery
+    blocks the hub. (This process is monkey-patched, as the apps this covers are; deliveries
+    that never block without monkey-patching are issue 13.)"""
     receiver.mode = "hang"  # accepts, never answers
     refused = Secret(f"http://127.0.0.1:{free_port()}/hook")
     log = LogChannel()
+    hanging = WatchedWebhook(Secret(receiver.url()), "json")
     alerter(
-        WebhookChannel(Secret(receiver.url()), "json"),
+        hanging,
         WebhookChannel(refused, "json"),
         log,
         delivery_timeout=0.3,
@@ -330,18 +350,22 @@ def test_black_holed_and_refusing_endpoints_never_slow_a_call_and_are_retried_th
     client = ServiceClient(
         echo_thrift.Echo, "echo", instances=[Instance(host="127.0.0.1", port=server.port)]
     )
+    within_attempt: Counter[int] = Counter()
     try:
         client.echo("warm up")
-        latencies = []
-        started = time.monotonic()
         events.emit(events.SERVICE_UNAVAILABLE, "error", service="calc")
-        while time.monotonic() - started < 1.2:  # the three attempts to the black hole
-            before = time.monotonic()
+        for _ in range(100_000):  # bounded: ends when the three attempts are over
+            attempt, during = hanging.attempts, hanging.delivering
             client.echo("during delivery")
-            latencies.append(time.monotonic() - before)
+            if during and hanging.delivering and hanging.attempts == attempt:
+                within_attempt[attempt] += 1
+            if hanging.attempts == 3 and not hanging.delivering:
+                break
     finally:
         client.stop()
-    assert max(latencies) < 0.15  # no call waited for a delivery (each attempt hangs 0.3 s)
+    assert hanging.attempts == 3 and not hanging.delivering
+    assert set(within_attempt) == {1, 2, 3}, within_attempt  # calls went on during each attempt
+    assert min(within_attempt.values()) >= 10, within_attempt
     assert events_named(captured, events.ALERT)  # the log channel was not held up either
     wait_until(lambda: len(events_named(captured, events.ALERT_DROPPED)) == 2, 10)
     reasons = {e["channel"]: e["reason"] for e in events_named(captured, events.ALERT_DROPPED)}
@@ -352,7 +376,7 @@ def test_black_holed_and_refusing_endpoints_never_slow_a_call_and_are_retried_th
     )
     assert "3 attempts failed" in hung and "no answer within 0.3s" in hung
     assert any("Connection refused" in reason for reason in reasons.values())
-    print(f"{len(latencies)} calls during delivery; max {max(latencies) * 1000:.1f} ms")
+    print(f"calls completed within each hanging attempt: {dict(within_attempt)}")
 
 
 def test_no_secret_appears_in_any_log_line_or_error(
