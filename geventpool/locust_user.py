@@ -43,6 +43,7 @@ from locust.env import Environment
 from geventpool import (  # an integration: built on the public API only
     Alerter,
     ConfigurationError,
+    GeventPoolError,
     Instance,
     ServiceClient,
     ZooKeeperConfig,
@@ -52,7 +53,7 @@ from geventpool import (  # an integration: built on the public API only
 REQUEST_TYPE = "thrift"
 
 
-class ThriftCallFailure(Exception):
+class ReportedCallError(GeventPoolError):
     """What Locust is told of a failed call: the error's type, with the error attached."""
 
     def __init__(self, error: BaseException) -> None:
@@ -77,12 +78,12 @@ class ReportingClient:
 
         def remote(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
-            failure: ThriftCallFailure | None = None
+            failure: ReportedCallError | None = None
             result = None
             try:
                 result = client.call(method, *args, **kwargs)
             except Exception as error:  # noqa: BLE001 - reported, not raised
-                failure = ThriftCallFailure(error)
+                failure = ReportedCallError(error)
             fire(
                 request_type=REQUEST_TYPE,
                 name=method,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import importlib
 import inspect
+import pkgutil
+from types import ModuleType
 
 import geventpool
-from geventpool import errors
 
 
 def test_every_public_name_is_importable_from_the_package() -> None:
@@ -14,11 +16,29 @@ def test_every_public_name_is_importable_from_the_package() -> None:
         assert getattr(geventpool, name) is not None, name
 
 
-def test_every_error_derives_from_the_one_root_and_none_shadows_a_builtin() -> None:
-    classes = [
-        c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__
+def every_module() -> list[ModuleType]:
+    """Every module of the package, imported (sub-packages included)."""
+    names = [info.name for info in pkgutil.walk_packages(geventpool.__path__, "geventpool.")]
+    assert "geventpool.alerts.channels" in names and "geventpool.wire.codecs" in names
+    return [importlib.import_module(name) for name in names]
+
+
+def exceptions_defined_in(modules: list[ModuleType]) -> list[type[BaseException]]:
+    """Every exception class defined (not merely imported) by one of ``modules``."""
+    return [
+        cls
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if cls.__module__ == module.__name__ and issubclass(cls, BaseException)
     ]
-    assert len(classes) >= 15
+
+
+def test_every_error_derives_from_the_one_root_and_none_shadows_a_builtin() -> None:
+    classes = exceptions_defined_in(every_module())
+    assert len(classes) >= 17
+    assert {"DeliveryError", "ZooKeeperNotFoundError"} <= {c.__name__ for c in classes}
     for cls in classes:
-        assert issubclass(cls, geventpool.GeventPoolError) and cls.__name__.endswith("Error")
-        assert not hasattr(builtins, cls.__name__)  # e.g. no TimeoutError, ConnectionError
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        assert issubclass(cls, geventpool.GeventPoolError), where
+        assert cls.__name__.endswith("Error"), where
+        assert not hasattr(builtins, cls.__name__), where  # e.g. no TimeoutError, ConnectionError

@@ -24,12 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from geventpool.errors import GeventPoolError
+
 ZOOKEEPER_MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
 DEBIAN_JARS = ("/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar")
 FOUR_LETTER_WORDS = "srvr,stat,cons,envi,ruok,mntr"
 
 
-class ZooKeeperNotFoundError(RuntimeError):
+class ZooKeeperNotFoundError(GeventPoolError):
     """No ZooKeeper installation was found; the message says how to get one."""
 
 
