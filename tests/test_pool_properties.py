@@ -4,8 +4,10 @@ Callers acquire, hold, and release (some marking their connection broken); some 
 ``gevent.Timeout`` or ``GreenletExit`` at random points: while waiting, while connecting,
 right after being handed a connection, while holding it. Connects are slow and sometimes fail.
 After every step: in use + idle + opening never exceeds the maximum, no idle connection is
-broken or closed, no count is negative. At the end: every slot is back, no caller ever received
-a connection that an earlier caller had broken.
+broken or closed, no count is negative, and the sockets really open (seen from their peers'
+side, by the operating system) are exactly the pool's in use and idle connections. At the end:
+every slot is back, no caller ever received a connection that an earlier caller had broken, and
+no socket is open but the idle ones.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class PoolMachine(RuleBasedStateMachine):
         if self.connect_fails:
             raise ConnectError(str(instance), "refused (by the test)")
         mine, peer = socket.socketpair()
+        peer.settimeout(0.0)
         self.peers.append(peer)
         clock = options["clock"]
         return Connection(instance, mine, None, clock=clock, expires_at=clock() + 3600)
@@ -97,6 +100,23 @@ class PoolMachine(RuleBasedStateMachine):
     def let_time_pass(self, seconds: float) -> None:
         gevent.sleep(seconds)
 
+    def sockets_open(self) -> int:
+        """How many of the connections' sockets are open, asked of the operating system: a
+        peer whose other end was closed reads end-of-file, an open one would block."""
+        count = 0
+        for peer in self.peers:
+            try:
+                closed = peer.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                closed = False
+            count += not closed
+        return count
+
+    @invariant()
+    def the_open_sockets_are_the_connections_in_use_and_idle(self) -> None:
+        status = self.pool.status()
+        assert self.sockets_open() == status.in_use + status.idle, status
+
     @invariant()
     def the_cap_holds_and_idle_connections_are_sound(self) -> None:
         pool = self.pool
@@ -113,6 +133,7 @@ class PoolMachine(RuleBasedStateMachine):
         assert (status.in_use, status.opening, status.waiters) == (0, 0, 0), status
         assert status.idle == status.opened - status.closed  # every open connection accounted
         assert self.reused_broken == []
+        assert self.sockets_open() == status.idle
         for connection in list(self.pool._idle):
             connection.close()
         for peer in self.peers:
