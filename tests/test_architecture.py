@@ -214,3 +214,23 @@ def test_each_forbidden_import_is_reported(tmp_path: Path, broken: str) -> None:
     root = synthetic_package(tmp_path, broken)
     found = violations(dependency_graph(read_modules(root), "pkg"), "pkg")
     assert any(EXPECTED[broken] in line for line in found), found
+
+
+def test_the_docs_name_every_module_of_the_library() -> None:
+    """docs/architecture.md has a line for every module, and the README's layout lists every
+    module outside ``testing/``: a module added without a word in either fails here."""
+    root = PACKAGE.parent
+    architecture = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :].split("```")[1]
+    modules = [p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__init__.py"]
+    assert len(modules) > 30
+    for path in modules:
+        relative = path.relative_to(PACKAGE)
+        if relative.parts[0] == "testing":
+            assert "testing/" in layout and f"`{path.name}`" in architecture, relative
+            continue
+        assert f"`{path.name}`" in architecture, f"docs/architecture.md does not name {relative}"
+        assert path.name in layout, f"the README layout does not list {relative}"
+    for listed in ("discovery/", "wire/", "client/", "server/", "alerts/"):
+        assert listed in layout and (PACKAGE / listed).is_dir()
