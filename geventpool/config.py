@@ -168,7 +168,7 @@ class ServiceConfig:
     empty_protection: float = 30.0
 
     def client_options(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`~geventpool.client.ServiceClient`."""
+        """Keyword arguments for :class:`~geventpool.client.service.ServiceClient`."""
         return {
             "root": self.root,
             "path": self.path,

@@ -22,7 +22,7 @@ time the whole call through the pool, and a failure the exception's type (one fa
 type, whatever numbers its message carries; the exception itself is on ``.error``). A failed
 call returns None instead of raising, so the task goes on.
 
-All users of a class in one process share one :class:`~geventpool.client.ServiceClient`,
+All users of a class in one process share one :class:`~geventpool.client.service.ServiceClient`,
 started on first use, so every Locust worker process (``--processes``, ``--worker``) has its
 own pool and ZooKeeper session. Settings come from the class attributes, or from the
 ``[zookeeper]`` and ``[services.<name>]`` tables of the geventpool TOML file named by

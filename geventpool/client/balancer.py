@@ -20,7 +20,7 @@ from geventpool.errors import ConfigurationError
 
 
 class Candidate(Protocol):
-    """What a balancer reads of a pool (an :class:`~geventpool.pool.InstancePool`)."""
+    """What a balancer reads of a pool (an :class:`~geventpool.client.pool.InstancePool`)."""
 
     @property
     def instance(self) -> Instance: ...

@@ -15,7 +15,7 @@ from kazoo.client import KazooClient
 from geventpool.client import forking
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.membership import Membership, MembershipChange
-from geventpool.discovery.zk import ZooKeeperConfig, connect
+from geventpool.discovery.zk import ZooKeeper, close, connect_or_use
 from geventpool.errors import PoolClosedError
 
 
@@ -52,7 +52,7 @@ class RegistryInstances:
 
     def __init__(
         self,
-        zookeeper: str | ZooKeeperConfig | KazooClient,
+        zookeeper: ZooKeeper,
         name: str | None,
         *,
         root: str,
@@ -72,16 +72,8 @@ class RegistryInstances:
     ) -> Iterable[Instance]:
         """Connect (if needed), load and watch; the instances of the first read. Raises
         :class:`~geventpool.errors.ZooKeeperUnavailableError` after ``timeout`` seconds."""
-        zookeeper = self._zookeeper
-        if isinstance(zookeeper, KazooClient):
-            client = zookeeper
-        else:
-            config = (
-                zookeeper
-                if isinstance(zookeeper, ZooKeeperConfig)
-                else ZooKeeperConfig(zookeeper, connect_timeout=timeout)
-            )
-            client = self._owned = connect(config)
+        client, opened = connect_or_use(self._zookeeper, timeout)
+        self._owned = client if opened else None
         membership = Membership(
             client,
             self._name,
@@ -106,9 +98,7 @@ class RegistryInstances:
 
     def _close_owned(self) -> None:
         client, self._owned = self._owned, None
-        if client is not None:
-            client.stop()
-            client.close()
+        close(client)
 
     def after_fork_in_child(self) -> None:
         """Inside the fork: the inherited kazoo client must not use the parent's socket or

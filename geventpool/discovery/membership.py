@@ -1,14 +1,14 @@
 """Client side of discovery: a validated, always-available view of a service's live instances.
 
 :class:`Membership` reads the children of ``<root>/<service>`` (or any path, e.g. a Curator or
-Finagle ServerSet path), keeps a cache of immutable :class:`~geventpool.instance.Instance`
+Finagle ServerSet path), keeps a cache of immutable :class:`~geventpool.discovery.instance.Instance`
 values, and tells subscribers what joined, left or changed. It promises:
 
 * **One bad child never hides the others.** Each child is parsed and validated on its own; a
   rejected one is counted, logged (``instance_rejected``) and left out.
 * **The watch never stops.** Watch callbacks and state listeners only poke a
-  :class:`~geventpool.reconcile.ReconcileLoop`; every read happens in that loop, whose errors
-  are logged and retried. A missing service path is watched until it is created.
+  :class:`~geventpool.discovery.reconcile.ReconcileLoop`; every read happens in that loop,
+  whose errors are logged and retried. A missing service path is watched until it is created.
 * **Payloads are read once.** Only children not seen before are fetched (all at once,
   pipelined); a full re-read happens after every reconnect and after a session loss.
 * **The cache outlives ZooKeeper.** While SUSPENDED or LOST the last view keeps serving.

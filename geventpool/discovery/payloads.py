@@ -2,7 +2,7 @@
 
 Three formats are understood (``docs/registry.md`` documents them with examples):
 
-* **native** (written by :class:`~geventpool.registrar.Registrar`): a JSON object with
+* **native** (written by :class:`~geventpool.discovery.registrar.Registrar`): a JSON object with
   ``"schema_version": 1``, ``host``, ``port``, ``weight``, ``zone``, ``transport``,
   ``protocol``, ``version``, ``registered_at`` (Unix seconds) and ``metadata``.
 * **Curator** service discovery (``ServiceInstance`` JSON): ``address``, ``port`` or

@@ -1,8 +1,8 @@
 """Server side of discovery: keep one instance registered as an ephemeral znode.
 
 The node is ``<root>/<service>/<host>:<port>`` (or a name you choose) holding the native JSON
-payload (:func:`geventpool.payloads.encode_instance`). Its name is fixed, never sequential, so
-re-registering is idempotent and can never leave a duplicate behind.
+payload (:func:`geventpool.discovery.payloads.encode_instance`). Its name is fixed, never
+sequential, so re-registering is idempotent and can never leave a duplicate behind.
 
 The registrar keeps the node alive on its own:
 
@@ -45,10 +45,10 @@ from geventpool.errors import RegistrationError, ZooKeeperUnavailableError
 class Registrar:
     """Registers ``instance`` under ``<root>/<service>`` on ``client`` and keeps it there.
 
-    ``client`` is a kazoo client on the gevent handler (see :func:`geventpool.zk.connect`); the
-    registrar uses it but never starts or stops it. ``node_name`` defaults to
-    ``str(instance)`` (``host:port``). ``stop_timeout`` bounds, in seconds, how long
-    :meth:`stop` tries to delete the node.
+    ``client`` is a kazoo client on the gevent handler (see
+    :func:`geventpool.discovery.zk.connect`); the registrar uses it but never starts or stops
+    it. ``node_name`` defaults to ``str(instance)`` (``host:port``). ``stop_timeout`` bounds,
+    in seconds, how long :meth:`stop` tries to delete the node.
     """
 
     def __init__(

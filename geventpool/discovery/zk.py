@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import gevent
 from kazoo.client import KazooClient, KazooState
@@ -96,6 +97,29 @@ def connect(config: ZooKeeperConfig | str) -> KazooClient:
         client.close()
         raise ZooKeeperUnavailableError(config.hosts, config.connect_timeout)
     return client
+
+
+ZooKeeper: TypeAlias = str | ZooKeeperConfig | KazooClient
+"""What callers may pass: a connect string, a configuration, or a started client they own."""
+
+
+def connect_or_use(zookeeper: ZooKeeper, connect_timeout: float) -> tuple[KazooClient, bool]:
+    """The kazoo client to use for ``zookeeper``, and whether it was opened here (the caller
+    then owns it and must :func:`close` it). A connect string is connected within
+    ``connect_timeout`` seconds; a :class:`ZooKeeperConfig` within its own timeout; a kazoo
+    client is used as it is, and never stopped by geventpool."""
+    if isinstance(zookeeper, KazooClient):
+        return zookeeper, False
+    if isinstance(zookeeper, str):
+        zookeeper = ZooKeeperConfig(zookeeper, connect_timeout=connect_timeout)
+    return connect(zookeeper), True
+
+
+def close(client: KazooClient | None) -> None:
+    """Stop and close a client opened by :func:`connect_or_use` (``None``: nothing to do)."""
+    if client is not None:
+        client.stop()
+        client.close()
 
 
 def watch_state(client: KazooClient, hosts: str) -> None:

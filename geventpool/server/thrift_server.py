@@ -42,7 +42,7 @@ from thriftpy2.transport import TSocket
 from geventpool import events
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.registrar import Registrar
-from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig, connect
+from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_use
 from geventpool.errors import ConfigurationError
 from geventpool.validation import check_seconds
 from geventpool.wire.codecs import protocol_factory, transport_factory
@@ -54,14 +54,14 @@ _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
 class Registration:
     """Where and how a :class:`ThriftServer` registers itself.
 
-    ``zookeeper`` is a connect string, a :class:`~geventpool.zk.ZooKeeperConfig` (the server
-    opens and closes its own client) or a started kazoo client (used, never stopped).
+    ``zookeeper`` is a connect string, a :class:`~geventpool.discovery.zk.ZooKeeperConfig` (the
+    server opens and closes its own client) or a started kazoo client (used, never stopped).
     ``advertise_host`` is the address clients connect to; it defaults to the bound host, and
     must be given when the server binds to all interfaces. ``start_timeout`` bounds the wait
     for ZooKeeper at start, in seconds.
     """
 
-    zookeeper: str | ZooKeeperConfig | KazooClient
+    zookeeper: ZooKeeper
     service: str
     root: str = DEFAULT_ROOT
     advertise_host: str | None = None
@@ -223,16 +223,8 @@ class ThriftServer:
         )
 
     def _register(self, registration: Registration) -> None:
-        zookeeper = registration.zookeeper
-        if isinstance(zookeeper, KazooClient):
-            client = zookeeper
-        else:
-            config = (
-                zookeeper
-                if isinstance(zookeeper, ZooKeeperConfig)
-                else ZooKeeperConfig(zookeeper, connect_timeout=registration.start_timeout)
-            )
-            client = self._owned_client = connect(config)
+        client, opened = connect_or_use(registration.zookeeper, registration.start_timeout)
+        self._owned_client = client if opened else None
         instance = Instance(
             host=registration.advertise_host or self._host,
             port=self.port,
@@ -293,9 +285,7 @@ class ThriftServer:
 
     def _close_client(self) -> None:
         client, self._owned_client = self._owned_client, None
-        if client is not None:
-            client.stop()
-            client.close()
+        close(client)
 
     def _handle(self, sock: socket.socket, address: tuple[str, int]) -> None:
         connection = _Connection(sock)

@@ -1,9 +1,9 @@
 """The echo test service in a process of its own: ``python -m geventpool.testing.echo_server``.
 
-Starts a :class:`~geventpool.server.ThriftServer` for ``echo.thrift`` on 127.0.0.1, registers
-it when ``--zookeeper`` is given, prints one JSON line ``{"event": "ready", "port": N}`` on
-standard output once it serves, logs JSON events on standard error, and stops gracefully on
-SIGTERM or SIGINT.
+Starts a :class:`~geventpool.server.thrift_server.ThriftServer` for ``echo.thrift`` on 127.0.0.1,
+registers it when ``--zookeeper`` is given, prints one JSON line
+``{"event": "ready", "port": N}`` on standard output once it serves, logs JSON events on
+standard error, and stops gracefully on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
