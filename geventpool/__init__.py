@@ -6,22 +6,9 @@ The public API, importable from the top level; ``geventpool.locust_user`` (Locus
 
 from __future__ import annotations
 
-from geventpool.alerts.alerter import Alerter
-from geventpool.alerts.channels import (
-    CallableChannel,
-    LogChannel,
-    SmsChannel,
-    SmtpChannel,
-    WebhookChannel,
-)
-from geventpool.alerts.policy import AlertSettings
-from geventpool.client.pool import InstanceStatus, PoolSettings
-from geventpool.client.service import ServiceClient, ServiceStatus
-from geventpool.config import Config, load_config
-from geventpool.discovery.instance import Instance
-from geventpool.discovery.membership import Membership, MembershipChange
-from geventpool.discovery.registrar import Registrar
-from geventpool.discovery.zk import ZooKeeperConfig, connect
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
@@ -40,8 +27,67 @@ from geventpool.errors import (
     TransportError,
     ZooKeeperUnavailableError,
 )
-from geventpool.secret import Secret
-from geventpool.server.thrift_server import Registration, ThriftServer
+
+if TYPE_CHECKING:
+    from geventpool.alerts.alerter import Alerter
+    from geventpool.alerts.channels import (
+        CallableChannel,
+        LogChannel,
+        SmsChannel,
+        SmtpChannel,
+        WebhookChannel,
+    )
+    from geventpool.alerts.policy import AlertSettings
+    from geventpool.client.pool import InstanceStatus, PoolSettings
+    from geventpool.client.service import ServiceClient, ServiceStatus
+    from geventpool.config import Config, load_config
+    from geventpool.discovery.instance import Instance
+    from geventpool.discovery.membership import Membership, MembershipChange
+    from geventpool.discovery.registrar import Registrar
+    from geventpool.discovery.zk import ZooKeeperConfig, connect
+    from geventpool.secret import Secret
+    from geventpool.server.thrift_server import Registration, ThriftServer
+
+# Each name is imported from its module on first use, so that a client does not load the
+# server (gevent.server, the registrar) or the alerting, and a server does not load the client.
+_LAZY = {
+    "Alerter": "geventpool.alerts.alerter",
+    "CallableChannel": "geventpool.alerts.channels",
+    "LogChannel": "geventpool.alerts.channels",
+    "SmsChannel": "geventpool.alerts.channels",
+    "SmtpChannel": "geventpool.alerts.channels",
+    "WebhookChannel": "geventpool.alerts.channels",
+    "AlertSettings": "geventpool.alerts.policy",
+    "InstanceStatus": "geventpool.client.pool",
+    "PoolSettings": "geventpool.client.pool",
+    "ServiceClient": "geventpool.client.service",
+    "ServiceStatus": "geventpool.client.service",
+    "Config": "geventpool.config",
+    "load_config": "geventpool.config",
+    "Instance": "geventpool.discovery.instance",
+    "Membership": "geventpool.discovery.membership",
+    "MembershipChange": "geventpool.discovery.membership",
+    "Registrar": "geventpool.discovery.registrar",
+    "ZooKeeperConfig": "geventpool.discovery.zk",
+    "connect": "geventpool.discovery.zk",
+    "Secret": "geventpool.secret",
+    "Registration": "geventpool.server.thrift_server",
+    "ThriftServer": "geventpool.server.thrift_server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geventpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

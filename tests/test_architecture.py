@@ -8,6 +8,8 @@ the check itself is shown able to fail.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -55,7 +57,22 @@ def imports_of(
             for alias in node.names:
                 child = f"{base}.{alias.name}"
                 found.add(child if child in modules else base)
+        elif isinstance(node, ast.Call) and _dynamic_import(node):
+            found.add(node.args[0].value)  # type: ignore[attr-defined]
     return {m for m in found if m == top or m.startswith(top + ".")}
+
+
+def _dynamic_import(call: ast.Call) -> bool:
+    """``importlib.import_module("x")``, ``import_module("x")`` or ``__import__("x")`` with a
+    constant name (a computed name cannot be checked, and the rules forbid none here)."""
+    function = call.func
+    name = function.attr if isinstance(function, ast.Attribute) else getattr(function, "id", "")
+    return (
+        name in ("import_module", "__import__")
+        and bool(call.args)
+        and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
+    )
 
 
 def dependency_graph(modules: Mapping[str, tuple[str, bool]], top: str) -> dict[str, set[str]]:
@@ -70,32 +87,45 @@ def inside(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def reachable(graph: Mapping[str, set[str]], start: str) -> dict[str, list[str]]:
+    """Every module ``start`` loads, directly or through others, with one import chain to it."""
+    chains: dict[str, list[str]] = {start: [start]}
+    todo = [start]
+    while todo:
+        module = todo.pop()
+        for target in sorted(graph.get(module, ())):
+            if target not in chains:
+                chains[target] = [*chains[module], target]
+                todo.append(target)
+    del chains[start]
+    return chains
+
+
 def violations(graph: Mapping[str, set[str]], top: str) -> list[str]:
-    """Every broken rule, one line each (empty when the layout holds)."""
+    """Every broken rule, one line each (empty when the layout holds). The rules hold for
+    what a module loads through others too: the line shows the chain."""
     found = []
     client, server, discovery = f"{top}.client", f"{top}.server", f"{top}.discovery"
     wire, alerts, errors = f"{top}.wire", f"{top}.alerts", f"{top}.errors"
-    for module, targets in sorted(graph.items()):
-        for target in sorted(targets):
+    for module in sorted(graph):
+        integration = module == f"{top}.locust_user" or inside(module, f"{top}.testing")
+        if module != top and top in graph[module] and not integration:
+            found.append(f"{module} imports the public API {top}: a cycle through it")
+        for target, chain in sorted(reachable(graph, module).items()):
+            via = " -> ".join(chain)
             if inside(module, client) and inside(target, server):
-                found.append(f"{module} imports {target}: the client never imports the server")
+                found.append(f"{via}: the client never imports the server")
             if inside(module, discovery) and (inside(target, client) or inside(target, server)):
-                found.append(
-                    f"{module} imports {target}: discovery imports neither client nor server"
-                )
+                found.append(f"{via}: discovery imports neither client nor server")
             if inside(module, wire) and not (inside(target, wire) or target == errors):
-                found.append(f"{module} imports {target}: wire imports nothing but errors")
+                found.append(f"{via}: wire imports nothing but errors")
             if (
                 inside(target, alerts)
                 and not inside(module, alerts)
                 and module not in (top, f"{top}.config")
+                and not integration
             ):
-                found.append(
-                    f"{module} imports {target}: only config and the public API import alerts"
-                )
-            integration = module == f"{top}.locust_user" or inside(module, f"{top}.testing")
-            if module != top and target == top and not integration:
-                found.append(f"{module} imports the public API {top}: a cycle through it")
+                found.append(f"{via}: only config and the public API import alerts")
     found.extend(f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(graph))
     return found
 
@@ -153,12 +183,53 @@ def test_the_client_side_loads_without_the_server() -> None:
     assert "geventpool.wire.codecs" in reached
 
 
+LOADED = (
+    "import sys\n"
+    "import {module}\n"
+    "print(' '.join(m for m in sys.modules if m.startswith(('geventpool', 'gevent.server'))))\n"
+)
+
+
+def modules_loaded_by(module: str) -> set[str]:
+    """What importing ``module`` really loads, in a fresh interpreter (the top-level package's
+    ``__init__`` included, which Python runs first)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED.format(module=module)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return set(done.stdout.split())
+
+
+def test_at_run_time_a_client_loads_neither_server_nor_alerts_and_a_server_no_client() -> None:
+    client = modules_loaded_by("geventpool.client.service")
+    assert "geventpool.client.pool" in client and "geventpool.wire.codecs" in client
+    unwanted = ("gevent.server", "geventpool.server", "geventpool.alerts", "geventpool.config")
+    assert not {m for m in client if m.startswith(unwanted)}, client
+    server = modules_loaded_by("geventpool.server.thrift_server")
+    assert "gevent.server" in server
+    assert not {m for m in server if m.startswith(("geventpool.client", "geventpool.alerts"))}
+    public = modules_loaded_by("geventpool")  # names load from their modules on first use
+    assert not {m for m in public if m.startswith(unwanted)}, public
+
+
 BROKEN = {
     "client": "from pkg.server.serve import Server\n",
     "discovery": "import pkg.client.pool\n",
     "wire": "from pkg import events\n",
     "alerts": "from pkg.alerts.channel import Channel\n",
     "cycle": "from . import other\n",
+    "client_dynamic": "import importlib\nimportlib.import_module('pkg.server.serve')\n",
+    "alerts_via_config": "from pkg.config import Config\n",
+    "discovery_via_top_level": "from pkg.secret import Secret\n",
+}
+EXTRA_FILES = {  # what a broken rule needs besides the one forbidden import
+    "discovery_via_top_level": {
+        "secret.py": "from pkg.client.balancer import Balancer\n",
+        "client/balancer.py": "",
+    },
 }
 EXPECTED = {
     "client": "the client never imports the server",
@@ -166,6 +237,11 @@ EXPECTED = {
     "wire": "wire imports nothing but errors",
     "alerts": "only config and the public API import alerts",
     "cycle": "import cycle: pkg.discovery.membership -> pkg.discovery.other",
+    "client_dynamic": "pkg.client.pool -> pkg.server.serve: the client never imports the server",
+    "alerts_via_config": "pkg.client.pool -> pkg.config -> pkg.alerts.channel: only config",
+    "discovery_via_top_level": (
+        "pkg.discovery.membership -> pkg.secret -> pkg.client.balancer: discovery imports neither"
+    ),
 }
 
 
@@ -195,7 +271,11 @@ def synthetic_package(tmp_path: Path, broken: str) -> Path:
         "wire": "wire/codecs.py",
         "alerts": "client/pool.py",
         "cycle": "discovery/membership.py",
+        "client_dynamic": "client/pool.py",
+        "alerts_via_config": "client/pool.py",
+        "discovery_via_top_level": "discovery/membership.py",
     }[broken]
+    files.update(EXTRA_FILES.get(broken, {}))
     for name, text in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from geventpool.errors import (
     RetriesExhaustedError,
     TransportError,
 )
-from geventpool.server.thrift_server import ThriftServer
+from geventpool.server.thrift_server import Registration, ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
@@ -290,6 +290,36 @@ def test_a_stopped_client_refuses_calls(
     client.stop()
     with pytest.raises(PoolClosedError):
         client.echo("late")
+
+
+def test_no_call_is_served_once_stop_has_begun(
+    serve: Callable[..., ThriftServer], zk_hosts: str
+) -> None:
+    """stop() closes the pools before it stops watching ZooKeeper (which yields): a call
+    made while it finishes is refused, never served."""
+    serve(registration=Registration(zookeeper=zk_hosts, service="echo"))
+    client = ServiceClient(echo_thrift.Echo, "echo", zookeeper=zk_hosts)
+    assert client.echo("before") == "before"
+    stopping = gevent.spawn(client.stop)
+    gevent.sleep(0)  # stop() runs up to its first yield
+    outcomes = []
+    for _ in range(200):  # bounded; stop() is over long before
+        try:
+            outcomes.append(client.echo("late"))
+        except PoolClosedError:
+            outcomes.append("refused")
+        if stopping.dead and len(outcomes) >= 20:
+            break
+        gevent.sleep(0.001)
+    stopping.get(timeout=10)
+    assert len(outcomes) >= 20 and set(outcomes) == {"refused"}, outcomes
+
+
+def test_a_bad_service_name_fails_at_construction_before_anything_connects(
+    zk_hosts: str,
+) -> None:
+    with pytest.raises(ConfigurationError, match="service name"):
+        ServiceClient(echo_thrift.Echo, "bad name", zookeeper=zk_hosts)
 
 
 def test_a_client_with_no_instances_says_so(make_client: Callable[..., ServiceClient]) -> None:

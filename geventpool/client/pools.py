@@ -62,7 +62,10 @@ class ServicePools(Mapping[str, InstancePool]):
         self.apply((*change.joined, *change.updated), (*change.left, *change.updated))
 
     def apply(self, joined: Iterable[Instance], left: Iterable[Instance]) -> None:
-        """Retire the pools of ``left``, then give each of ``joined`` a new pool."""
+        """Retire the pools of ``left``, then give each of ``joined`` a new pool (nothing
+        once closed: a change that arrives while the client stops opens no pool)."""
+        if self.closed:
+            return
         for instance in left:
             pool = self._by_id.pop(instance.id or str(instance), None)
             if pool is not None:

@@ -185,8 +185,8 @@ class ServiceClient:
             return
         self._closed = True
         forking.untrack(self)
+        self._pools.close()  # first: stopping the source yields, and no call may start meanwhile
         self._source.stop()
-        self._pools.close()
         events.emit(events.CLIENT_STOPPED, service=self.name)
 
     def __enter__(self) -> ServiceClient:

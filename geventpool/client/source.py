@@ -14,7 +14,7 @@ from kazoo.client import KazooClient
 
 from geventpool.client import forking
 from geventpool.discovery.instance import Instance
-from geventpool.discovery.membership import Membership, MembershipChange
+from geventpool.discovery.membership import Membership, MembershipChange, watched_path
 from geventpool.discovery.zk import ZooKeeper, close, connect_or_use
 from geventpool.errors import PoolClosedError
 
@@ -59,6 +59,7 @@ class RegistryInstances:
         path: str | None,
         empty_protection: float,
     ) -> None:
+        watched_path(name, root, path)  # a bad name fails here, before anything connects
         self._zookeeper = zookeeper
         self._name = name
         self._root = root
@@ -74,15 +75,15 @@ class RegistryInstances:
         :class:`~geventpool.errors.ZooKeeperUnavailableError` after ``timeout`` seconds."""
         client, opened = connect_or_use(self._zookeeper, timeout)
         self._owned = client if opened else None
-        membership = Membership(
-            client,
-            self._name,
-            root=self._root,
-            path=self._path,
-            empty_protection=self._empty_protection,
-        )
-        membership.subscribe(on_change)
         try:
+            membership = Membership(
+                client,
+                self._name,
+                root=self._root,
+                path=self._path,
+                empty_protection=self._empty_protection,
+            )
+            membership.subscribe(on_change)
             membership.start(timeout)
         except BaseException:
             self._close_owned()

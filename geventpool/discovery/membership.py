@@ -45,6 +45,18 @@ Instances = Mapping[str, Instance]
 _EMPTY: Instances = MappingProxyType({})
 
 
+def watched_path(service: str | None, root: str, path: str | None) -> str:
+    """The ZooKeeper path a membership of ``service`` (or of an explicit ``path``) watches,
+    checked: raises :class:`ConfigurationError` for a bad name, root or path."""
+    if path is None:
+        if service is None:
+            raise ConfigurationError("Membership needs a service name or a path")
+        return service_path(service, root)
+    if not path.startswith("/") or path.endswith("/"):
+        raise ConfigurationError(f"path must be an absolute ZooKeeper path, not {path!r}")
+    return path
+
+
 @dataclass(frozen=True)
 class MembershipChange:
     """What one refresh changed: instances that ``joined``, ``left`` or were ``updated``
@@ -92,12 +104,7 @@ class Membership:
         empty_protection: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if path is None:
-            if service is None:
-                raise ConfigurationError("Membership needs a service name or a path")
-            path = service_path(service, root)
-        elif not path.startswith("/") or path.endswith("/"):
-            raise ConfigurationError(f"path must be an absolute ZooKeeper path, not {path!r}")
+        path = watched_path(service, root, path)
         check_seconds("empty_protection", empty_protection, zero=True)
         self._client = client
         self._service = service or path.rsplit("/", 1)[-1]
