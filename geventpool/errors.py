@@ -74,6 +74,16 @@ class PoolClosedError(PoolError):
     """The pool (or the client owning it) is closed, or its instance left the service."""
 
 
+class ConnectionClosedError(PoolError):
+    """A call on a connection that can no longer be used: an earlier call on it failed (and
+    closed it), or it went back to its pool. Nothing was sent."""
+
+    def __init__(self, instance: str, method: str, why: str) -> None:
+        self.instance = instance
+        self.method = method
+        super().__init__(f"{instance}: {method}(): {why}; nothing was sent")
+
+
 class PoolExhaustedError(PoolError):
     """Every connection was busy and none could be opened within the wait.
 
@@ -126,6 +136,42 @@ class CallTimeoutError(TransportError):
         else:
             reason = f"{method}(): the deadline passed before the call was sent"
         super().__init__(instance, reason)
+
+
+class ProtocolViolationError(TransportError):
+    """The peer sent something that is not the reply to this call: a reply to another call
+    (wrong sequence id), to another method, of the wrong message type, bytes nobody asked for,
+    or a malformed or oversized message. Nobody receives it as a result: the connection is
+    closed. ``seen`` says what arrived; the request may have been executed."""
+
+    def __init__(self, instance: str, method: str, seen: str) -> None:
+        self.method = method
+        self.seen = seen
+        super().__init__(instance, f"{method}(): {seen}")
+
+
+class MalformedMessageError(GeventPoolError, ValueError):
+    """Bytes that are not a valid Thrift message: ``reason`` says what was seen and where.
+
+    Raised by the wire layer (:mod:`geventpool.wire`); a client sees it as the
+    :class:`ProtocolViolationError` it causes, a server closes that one connection.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class MessageLimitError(MalformedMessageError):
+    """A message claims more than a limit allows (``limit`` names it, ``claimed`` and
+    ``allowed`` are the numbers); refused before anything of that size is allocated."""
+
+    def __init__(self, limit: str, claimed: int, allowed: int, where: str = "") -> None:
+        self.limit = limit
+        self.claimed = claimed
+        self.allowed = allowed
+        at = f" {where}" if where else ""
+        super().__init__(f"{limit} exceeded{at}: {claimed:,} claimed, {allowed:,} allowed")
 
 
 class RetriesExhaustedError(GeventPoolError):

@@ -20,10 +20,10 @@ from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
+    ConnectionClosedError,
     InvalidArgumentsError,
     NoInstancesError,
     PoolClosedError,
-    PoolError,
     PoolExhaustedError,
     RetriesExhaustedError,
     TransportError,
@@ -101,25 +101,39 @@ def test_a_reply_delayed_past_the_deadline_never_reaches_the_next_caller(
     assert instance.closed == 1 and instance.in_use == 0
 
 
-def test_bad_arguments_raise_and_leak_nothing(
+def test_bad_arguments_raise_send_nothing_and_keep_the_connection(
     serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
 ) -> None:
-    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
-    with pytest.raises(InvalidArgumentsError, match="add"):
-        client.add("one", 2)  # fails while being encoded: the connection is closed
+    server = serve()
+    client = make_client(instances=at(server), pool=settings(max_connections=1))
+    assert client.add(1, 2) == 3
     bad_calls: list[tuple[tuple[Any, ...], dict[str, Any], str]] = [
+        (("one", 2), {}, "argument 'a': expected i64 \\(an int\\), got str 'one'"),
+        ((1.7, 2), {}, "argument 'a': expected i64 \\(an int\\), got float 1.7"),
+        ((2**70, 1), {}, "argument 'a': 1180591620717411303424 is out of range for i64"),
+        ((1,), {}, "missing required arguments \\['b'\\]"),
         ((1, 2, 3), {}, "takes 2 arguments"),
         ((1,), {"c": 2}, "unexpected argument 'c'"),
         ((1,), {"a": 2}, "given twice"),
     ]
-    for args, kwargs, message in bad_calls:  # found before anything is written
+    for args, kwargs, message in bad_calls:  # found before anything is encoded or written
         with pytest.raises(InvalidArgumentsError, match=message):
             client.call("add", *args, **kwargs)
-    with pytest.raises(TypeError):
-        client.add(2**70, 1)  # InvalidArgumentsError is a TypeError too
+    with pytest.raises(TypeError):  # InvalidArgumentsError is a TypeError too
+        client.echo(["a" * 1_000_000])
     assert client.add(1, 2) == 3
+    assert server.stats.calls == 2  # not one bad call reached the server
     [instance] = client.status().instances
-    assert instance.in_use == 0 and instance.closed == 2
+    assert instance.in_use == 0 and instance.closed == 0 and instance.opened == 1
+
+
+def test_an_argument_error_message_never_embeds_a_large_value(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()))
+    with pytest.raises(InvalidArgumentsError) as caught:
+        client.echo(["x" * 10_000] * 1_000)
+    assert len(str(caught.value)) < 200
 
 
 def test_ten_thousand_callers_over_ten_connections_are_served_in_arrival_order(
@@ -431,9 +445,23 @@ def test_a_borrowed_connection_refuses_calls_once_it_is_returned(
     client = make_client(instances=at(serve()), pool=settings(max_connections=1))
     with client.connection() as pinned:
         assert pinned.echo("inside") == "inside"
-    with pytest.raises(PoolError, match="returned"):
+    with pytest.raises(ConnectionClosedError, match="went back to its pool"):
         pinned.echo("after")  # the connection may belong to another caller by now
     assert client.echo("others are fine") == "others are fine"
+
+
+def test_a_borrowed_connection_refuses_calls_once_a_call_on_it_timed_out(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    """The late reply of the timed-out call must never reach the next call in the block."""
+    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    with client.connection(timeout=0.2) as pinned:
+        with pytest.raises(CallTimeoutError):
+            pinned.slow_echo("reply of A", 0.4)
+        gevent.sleep(0.4)  # the reply of A arrives meanwhile
+        with pytest.raises(ConnectionClosedError, match="closed by an earlier failure"):
+            pinned.echo("B")
+    assert client.echo("C") == "C"
 
 
 def test_a_peer_trickling_one_byte_at_a_time_is_cut_by_the_total_deadline(

@@ -1,19 +1,27 @@
-"""One connection to one instance: a socket and a thriftpy2 client, with a total deadline.
+"""One connection to one instance: a socket and our message layer, with a total deadline.
 
-A :class:`Connection` promises that a call either completes cleanly or leaves the connection
-**broken** (never to be reused): thriftpy2 sends seqid 0 and never checks the reply's, so after
-a timeout or a half-written request the next caller could read someone else's reply.
+A :class:`Connection` promises that **a caller receives only the reply to its own call**: every
+request carries its own sequence id, and a reply is returned only if its sequence id, method
+name and message type are those of the call (see :mod:`geventpool.wire.messages`). Anything
+else breaks the connection, never to be reused:
 
 * Completed replies keep the connection: the result, an exception declared in the IDL, or a
   ``TApplicationException`` from the server.
-* A failure on the wire (reset, end of file, undecodable reply) breaks it and raises
+* A reply to another call, to another method, of the wrong type, a malformed or oversized
+  message (checked against the :class:`~geventpool.wire.limits.WireLimits` before anything is
+  allocated), or bytes following the reply nobody asked for: it is closed, and the caller gets
+  :class:`~geventpool.errors.ProtocolViolationError` saying what was seen (a reply followed by
+  stray bytes is still delivered: it was checked to be this call's).
+* A failure on the wire (reset, end of file) breaks it and raises
   :class:`~geventpool.errors.TransportError`; the request may have been executed.
 * The deadline is total (connect excluded), enforced by a ``gevent.Timeout`` that belongs to
   the call, so a peer trickling one byte a second cannot stretch it; it breaks the connection
   and raises :class:`~geventpool.errors.CallTimeoutError`.
-* Arguments that do not fit the IDL raise :class:`~geventpool.errors.InvalidArgumentsError`
-  before anything is sent; if they fail only while being encoded, the half-written request in
-  the write buffer breaks the connection.
+* Arguments are bound, checked against the IDL and encoded before a byte is written: a bad one
+  raises :class:`~geventpool.errors.InvalidArgumentsError`, nothing is sent, and the
+  connection stays in service.
+* A broken (or closed) connection refuses calls with
+  :class:`~geventpool.errors.ConnectionClosedError`, sending nothing.
 * Anything else raised mid-call (a caller's own ``gevent.Timeout``, ``GreenletExit``) breaks
   it and propagates unchanged.
 """
@@ -30,33 +38,44 @@ from typing import Any
 import gevent
 import gevent.socket
 from gevent import monkey
-from thriftpy2.thrift import TClient, TException
-from thriftpy2.transport import TSocket, TTransportException
+from thriftpy2.thrift import TApplicationException
 
 from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConnectError,
+    ConnectionClosedError,
     InvalidArgumentsError,
+    MalformedMessageError,
+    ProtocolViolationError,
     TransportError,
 )
-from geventpool.wire.arguments import bind_arguments
-from geventpool.wire.codecs import WIRE_ERRORS, protocol_factory, transport_factory
+from geventpool.wire.arguments import MethodSpec, method_spec
+from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
+from geventpool.wire.messages import CALL, EXCEPTION, MESSAGE_TYPES, ONEWAY, REPLY, MessageCodec
+from geventpool.wire.scan import IncompleteMessageError
 
 # The health check polls without blocking, with the unpatched poll: select() cannot watch a
 # descriptor >= 1024 and would call every connection of a busy process dead.
 _poll = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI
+_RECEIVE = 16_384  # bytes asked of one recv() when the message's size is not known yet
+_RECEIVE_MAX = 1 << 20  # the most asked of one recv() for a message known to be larger
+_SEQID_LIMIT = 2**31 - 1
 
 
 class Connection:
-    """A connection to ``instance``; made by :func:`open_connection`, used by one caller at a
-    time (a pool hands it out), closed once :attr:`broken` or no longer wanted."""
+    """A connection to ``instance`` for calls of thriftpy2 ``service``; made by
+    :func:`open_connection`, used by one caller at a time (a pool hands it out), closed once
+    :attr:`broken` or no longer wanted."""
 
     __slots__ = (
-        "_client",
+        "_buffer",
         "_clock",
+        "_codec",
         "_poller",
+        "_seqid",
+        "_service",
         "_sock",
         "broken",
         "created_at",
@@ -69,16 +88,20 @@ class Connection:
         self,
         instance: Instance,
         sock: socket.socket,
-        client: Any,
+        service: Any,
         *,
         clock: Callable[[], float],
         expires_at: float,
+        limits: WireLimits = DEFAULT_LIMITS,
     ) -> None:
         self.instance = instance
         self._sock = sock
         self._poller = _poll()
         self._poller.register(sock.fileno(), _READABLE)
-        self._client = client
+        self._service = service
+        self._codec = MessageCodec(instance.transport, instance.protocol, limits)
+        self._buffer = bytearray()  # bytes received and not yet taken by a reply
+        self._seqid = 0
         self._clock = clock
         self.created_at = self.last_used = clock()
         self.expires_at = expires_at
@@ -89,33 +112,34 @@ class Connection:
     ) -> Any:
         """Call ``method`` and return its result; the reply must arrive before ``deadline``
         (on the connection's clock). See the module for what breaks the connection."""
+        if self.broken:
+            raise ConnectionClosedError(
+                str(self.instance), method, "the connection was closed by an earlier failure"
+            )
         remaining = deadline - self._clock()
         if remaining <= 0:  # nothing sent: the connection stays clean
             raise CallTimeoutError(str(self.instance), method, 0.0, sent=False)
-        client = self._client
-        arguments = bind_arguments(client._service, method, args, kwargs)  # noqa: SLF001
+        spec = method_spec(self._service, method)
+        body = spec.arguments(args, kwargs)
+        seqid = self._seqid = self._seqid % _SEQID_LIMIT + 1
+        try:
+            request = self._codec.encode(method, ONEWAY if spec.oneway else CALL, seqid, body)
+        except Exception as error:  # noqa: BLE001 - whatever the codec refused, nothing was sent
+            raise InvalidArgumentsError(method, f"cannot be encoded: {error!r:.200}") from None
         timer = gevent.Timeout(remaining)
         timer.start()
         try:
-            try:
-                client._send(method, **arguments)  # noqa: SLF001 - split send from receive
-            except (OSError, TTransportException):
-                raise
-            except Exception as error:
-                raise InvalidArgumentsError(method, repr(error)) from error
-            oneway = getattr(client._service, f"{method}_result").oneway  # noqa: SLF001
-            result = None if oneway else client._recv(method)  # noqa: SLF001
-        except TException as error:
-            if isinstance(error, WIRE_ERRORS):
-                self.broken = True
-                raise TransportError(str(self.instance), f"{method}(): {error!r}") from error
-            raise  # a complete reply: declared exception or TApplicationException
+            self._sock.sendall(request)
+            outcome: tuple[bool, Any] = (True, None) if spec.oneway else self._receive(spec, seqid)
         except gevent.Timeout as error:
             self.broken = True
             if error is not timer:
                 raise
             raise CallTimeoutError(str(self.instance), method, remaining) from None
-        except WIRE_ERRORS as error:
+        except MalformedMessageError as error:
+            self.broken = True
+            raise ProtocolViolationError(str(self.instance), method, error.reason) from None
+        except (OSError, EOFError) as error:
             self.broken = True
             raise TransportError(str(self.instance), f"{method}(): {error!r}") from error
         except BaseException:
@@ -124,12 +148,60 @@ class Connection:
         finally:
             timer.close()
         self.last_used = self._clock()
-        return result
+        ok, result = outcome
+        if ok:
+            return result
+        raise result
+
+    def _receive(self, spec: MethodSpec, seqid: int) -> tuple[bool, Any]:
+        """The reply to call ``seqid``: (True, result) or (False, the exception to raise)."""
+        buffer, codec = self._buffer, self._codec
+        if not buffer:
+            self._read(1)
+        while True:
+            try:
+                name, message_type, reply_seqid, body, size = codec.split(buffer)
+                break
+            except IncompleteMessageError as short:
+                self._read(short.needed - len(buffer))
+        del buffer[:size]
+        if reply_seqid != seqid or name != spec.name or message_type not in (REPLY, EXCEPTION):
+            kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
+            raise MalformedMessageError(
+                f"expected the REPLY to {spec.name}() #{seqid}, got {kind} {name[:64]!r}"
+                f" #{reply_seqid}"
+            )
+        if buffer:
+            self.broken = True  # bytes nobody asked for follow a reply: not for the next call
+        if message_type == EXCEPTION:
+            return False, codec.decode(body, TApplicationException())
+        result = codec.decode(body, spec.result_class())
+        if spec.returns_value and result.success is not None:
+            return True, result.success
+        for name in spec.exceptions:
+            error = getattr(result, name, None)
+            if error is not None:
+                return False, error
+        if not spec.returns_value:
+            return True, None
+        return False, TApplicationException(
+            TApplicationException.MISSING_RESULT, f"{spec.name}() returned no result"
+        )
+
+    def _read(self, at_least: int) -> None:
+        """Receive at least ``at_least`` more bytes (the limits already bound it)."""
+        buffer, sock = self._buffer, self._sock
+        wanted = len(buffer) + max(at_least, 1)
+        while len(buffer) < wanted:
+            data = sock.recv(min(max(wanted - len(buffer), _RECEIVE), _RECEIVE_MAX))
+            if not data:
+                raise EOFError("the server closed the connection")
+            buffer += data
 
     def usable(self, now: float) -> bool:
         """Whether the connection may be handed out: not broken, not past its lifetime, and
         its peer neither closed it nor sent anything unasked (a zero-timeout poll)."""
-        if self.broken or now >= self.expires_at:
+        if self.broken or now >= self.expires_at or self._buffer:
             return False
         try:
             return not self._poller.poll(0)  # anything (data, end of file, error) means no
@@ -167,10 +239,4 @@ def open_connection(
         raise ConnectError(str(instance), f"connect failed: {error!r}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)  # every call is bounded by its own deadline instead
-    tsocket = TSocket(sock=sock)
-    protocol = protocol_factory(instance.protocol).get_protocol(
-        transport_factory(instance.transport).get_transport(tsocket)
-    )
-    return Connection(
-        instance, sock, TClient(service, protocol), clock=clock, expires_at=clock() + lifetime
-    )
+    return Connection(instance, sock, service, clock=clock, expires_at=clock() + lifetime)

@@ -8,7 +8,7 @@ from typing import Any
 from geventpool.client.connection import Connection
 from geventpool.client.pool import InstancePool
 from geventpool.discovery.instance import Instance
-from geventpool.errors import PoolError
+from geventpool.errors import ConnectionClosedError
 
 
 class PinnedConnection:
@@ -16,7 +16,8 @@ class PinnedConnection:
     seconds (see :meth:`~geventpool.client.service.ServiceClient.connection`).
 
     Once the ``with`` block ends the connection is back in the pool, perhaps with another
-    caller: calls then raise :class:`~geventpool.errors.PoolError`.
+    caller: calls then raise :class:`~geventpool.errors.ConnectionClosedError` (a
+    :class:`~geventpool.errors.PoolError`), as they do once a call on it failed.
     """
 
     def __init__(
@@ -45,7 +46,9 @@ class PinnedConnection:
 
         def remote(*args: Any, **kwargs: Any) -> Any:
             if self.returned:
-                raise PoolError(f"{method}(): the connection was returned to the pool")
+                raise ConnectionClosedError(
+                    str(self._connection.instance), method, "the connection went back to its pool"
+                )
             deadline = self._clock() + self._limit
             return self._pool.call(self._connection, method, args, kwargs, deadline)
 

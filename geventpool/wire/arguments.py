@@ -1,46 +1,228 @@
-"""A call's arguments bound to the IDL's names before anything is encoded or sent."""
+"""A call's arguments bound to the IDL's names and checked against its types before anything is
+encoded or sent.
+
+:func:`method_spec` promises, for one method of a thriftpy2 service (computed once, cached):
+
+* **Binding as Python binds a call.** Every argument is required unless the IDL gives it a
+  default (as Apache Thrift's generated Python client does); too many, unknown, repeated or
+  missing arguments raise :class:`~geventpool.errors.InvalidArgumentsError`.
+* **Values checked against the IDL types**, into containers and structs: integers must be
+  ``int`` (never a ``float``, which the codec would silently truncate) within their width;
+  ``double`` takes ``int`` or ``float``; ``bool`` takes ``bool`` (or the ints 0 and 1);
+  ``string`` and ``binary`` take ``str`` or bytes; lists and sets take lists, tuples, sets;
+  maps take dicts; structs take instances of their class. ``None`` means "not sent", as in
+  thriftpy2. The error names the argument and the position in it, and shows at most a short
+  description of the value, never the value itself.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from geventpool.errors import InvalidArgumentsError
 
+Check = Callable[[Any, str], "str | None"]
+"""A value and where it is (``"argument 'a'"``) to None, or to what is wrong with it."""
+
+_INT_BITS = {3: 8, 6: 16, 8: 32, 10: 64}  # byte, i16, i32, i64
+_TYPE_NAMES = {
+    2: "bool",
+    3: "byte",
+    4: "double",
+    6: "i16",
+    8: "i32",
+    10: "i64",
+    11: "string",
+    12: "struct",
+    13: "map",
+    14: "set",
+    15: "list",
+    18: "binary",
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the client needs to know of one method: its argument names in IDL order, which
+    have no default, the argument and result struct classes, whether it is oneway, and the
+    names of its declared exceptions."""
+
+    name: str
+    names: tuple[str, ...]
+    required: frozenset[str]
+    args_class: Any
+    result_class: Any
+    oneway: bool
+    returns_value: bool
+    exceptions: tuple[str, ...]
+    checks: tuple[tuple[str, Check], ...]
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The argument struct for a call, bound and checked (see the module)."""
+        names = self.names
+        if not kwargs and len(args) == len(names):  # the common call: every argument, in order
+            bound = dict(zip(names, args, strict=True))
+        else:
+            bound = self._bind(args, kwargs)
+        for name, check in self.checks:
+            value = bound.get(name)
+            if value is not None:
+                problem = check(value, f"argument {name!r}")
+                if problem is not None:
+                    raise InvalidArgumentsError(self.name, problem)
+        return self.args_class(**bound)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        names, method = self.names, self.name
+        if len(args) > len(names):
+            raise InvalidArgumentsError(
+                method, f"takes {len(names)} arguments ({', '.join(names)}), {len(args)} given"
+            )
+        bound = dict(zip(names, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in names:
+                raise InvalidArgumentsError(method, f"unexpected argument {name!r}")
+            if name in bound:
+                raise InvalidArgumentsError(method, f"argument {name!r} given twice")
+            bound[name] = value
+        missing = self.required - bound.keys()
+        if missing:
+            raise InvalidArgumentsError(method, f"missing required arguments {sorted(missing)}")
+        return bound
+
 
 @functools.lru_cache(maxsize=4096)
-def _signature(service: Any, method: str) -> tuple[tuple[str, ...], frozenset[str]]:
-    """The argument names of ``method`` in IDL order, and the required ones."""
+def method_spec(service: Any, method: str) -> MethodSpec:
+    """The :class:`MethodSpec` of ``method`` of thriftpy2 ``service`` (raises
+    :class:`InvalidArgumentsError` for a method the service does not have)."""
     try:
-        spec = getattr(service, f"{method}_args").thrift_spec
+        args_class = getattr(service, f"{method}_args")
+        result_class = getattr(service, f"{method}_result")
     except AttributeError:
         raise InvalidArgumentsError(method, "no such method in the service") from None
+    spec = args_class.thrift_spec
     fields = [spec[key] for key in sorted(spec)]
     names = tuple(field[1] for field in fields)
-    required = frozenset(field[1] for field in fields if field[-1] is True)
-    return names, required
+    defaults = dict(getattr(args_class, "default_spec", ()))
+    required = frozenset(name for name in names if defaults.get(name) is None)
+    result_spec = result_class.thrift_spec
+    return MethodSpec(
+        name=method,
+        names=names,
+        required=required,
+        args_class=args_class,
+        result_class=result_class,
+        oneway=bool(getattr(result_class, "oneway", False)),
+        returns_value=0 in result_spec,
+        exceptions=tuple(result_spec[key][1] for key in sorted(result_spec) if key != 0),
+        checks=tuple((field[1], checker(field[0], _inner(field))) for field in fields),
+    )
 
 
-def bind_arguments(
-    service: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """Map a call's arguments to the IDL's names, as Python binds a call: too many, unknown,
-    repeated or missing required arguments raise :class:`InvalidArgumentsError`."""
-    names, required = _signature(service, method)
-    if not kwargs and len(args) == len(names):  # the common call: every argument, in order
-        return dict(zip(names, args, strict=True))
-    if len(args) > len(names):
-        raise InvalidArgumentsError(
-            method, f"takes {len(names)} arguments ({', '.join(names)}), {len(args)} given"
+def _inner(field: tuple[Any, ...]) -> Any:
+    """The element spec of a field (``(ttype, name, spec, required)``), or None."""
+    return field[2] if len(field) > 3 else None
+
+
+def describe(value: object) -> str:
+    """A short description of ``value`` for an error message: its type and a clipped repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def checker(ttype: int, spec: Any) -> Check:
+    """The check of one value of thrift type ``ttype`` (with its element ``spec``)."""
+    expected = _TYPE_NAMES.get(ttype, f"type {ttype}")
+    bits = _INT_BITS.get(ttype)
+    if bits is not None:
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+        def check_int(value: Any, where: str) -> str | None:
+            if type(value) is int and low <= value <= high:
+                return None
+            if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+                return None  # an IntEnum member
+            if isinstance(value, int) and not isinstance(value, bool):
+                return f"{where}: {value} is out of range for {expected} ({low} .. {high})"
+            return f"{where}: expected {expected} (an int), got {describe(value)}"
+
+        return check_int
+    if ttype == 2:
+        return lambda value, where: (
+            None
+            if isinstance(value, bool) or (type(value) is int and value in (0, 1))
+            else f"{where}: expected bool, got {describe(value)}"
         )
-    arguments = dict(zip(names, args, strict=False))
-    for name, value in kwargs.items():
-        if name not in names:
-            raise InvalidArgumentsError(method, f"unexpected argument {name!r}")
-        if name in arguments:
-            raise InvalidArgumentsError(method, f"argument {name!r} given twice")
-        arguments[name] = value
-    missing = required - arguments.keys()
-    if missing:
-        raise InvalidArgumentsError(method, f"missing required arguments {sorted(missing)}")
-    return arguments
+    if ttype == 4:
+        return lambda value, where: (
+            None
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else f"{where}: expected double, got {describe(value)}"
+        )
+    if ttype in (11, 18):
+        return lambda value, where: (
+            None
+            if isinstance(value, (str, bytes))
+            else f"{where}: expected {expected}, got {describe(value)}"
+        )
+    if ttype in (14, 15):
+        element_type, element_spec = (spec, None) if isinstance(spec, int) else spec
+        check_element = checker(element_type, element_spec)
+
+        def check_sequence(value: Any, where: str) -> str | None:
+            if not isinstance(value, (list, tuple, set, frozenset)):
+                return f"{where}: expected {expected}, got {describe(value)}"
+            for index, element in enumerate(value):
+                if element is None:
+                    return f"{where}[{index}]: None in a {expected}"
+                problem = check_element(element, f"{where}[{index}]")
+                if problem is not None:
+                    return problem
+            return None
+
+        return check_sequence
+    if ttype == 13:
+        (key_type, key_spec), (value_type, value_spec) = (
+            (part, None) if isinstance(part, int) else part for part in spec
+        )
+        check_key, check_value = checker(key_type, key_spec), checker(value_type, value_spec)
+
+        def check_map(value: Any, where: str) -> str | None:
+            if not isinstance(value, Mapping):
+                return f"{where}: expected map, got {describe(value)}"
+            for key, item in value.items():
+                if key is None or item is None:
+                    return f"{where}: None in a map"
+                problem = check_key(key, f"{where} key") or check_value(
+                    item, f"{where}[{key!r:.20}]"
+                )
+                if problem is not None:
+                    return problem
+            return None
+
+        return check_map
+    if ttype == 12:
+        return functools.partial(_check_struct, spec)
+    return lambda value, where: f"{where}: type {ttype} cannot be sent"
+
+
+def _check_struct(cls: Any, value: Any, where: str) -> str | None:
+    if not isinstance(value, cls):
+        return f"{where}: expected {cls.__name__}, got {describe(value)}"
+    for field in _struct_checks(cls):
+        name, check = field
+        item = getattr(value, name, None)
+        if item is not None:
+            problem = check(item, f"{where}.{name}")
+            if problem is not None:
+                return problem
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _struct_checks(cls: Any) -> tuple[tuple[str, Check], ...]:
+    spec = cls.thrift_spec
+    return tuple((spec[key][1], checker(spec[key][0], _inner(spec[key]))) for key in sorted(spec))

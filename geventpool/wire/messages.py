@@ -1,0 +1,220 @@
+"""Thrift messages on a byte stream: our own framing and headers, thriftpy2's codecs for structs.
+
+:class:`MessageCodec` promises, for one transport (buffered or framed) and one protocol (binary
+or compact):
+
+* **Encoding is complete before anything is written.** :meth:`MessageCodec.encode` returns the
+  whole message (frame included) as bytes, so an argument that fails to encode sends nothing.
+* **Nothing is decoded before it is checked.** :meth:`MessageCodec.split` reads one message off
+  the front of a receive buffer: the frame length, the header (version, type, name, sequence
+  id) and the struct's walk (:mod:`geventpool.wire.scan`) are checked against the
+  :class:`~geventpool.wire.limits.WireLimits` and against the bytes present. It raises
+  :class:`~geventpool.wire.scan.IncompleteMessageError` with the bytes needed (never more than
+  the limits) or :class:`~geventpool.errors.MalformedMessageError` saying what was seen.
+* **Decoding a checked struct cannot fail untyped.** :meth:`MessageCodec.decode` runs the
+  (Cython) codec over exactly the checked bytes; whatever it still objects to (a ``string``
+  field that is not UTF-8: declare the field ``binary`` to receive bytes) is a
+  :class:`~geventpool.errors.MalformedMessageError`.
+
+The codec holds one encode buffer: use it from one thread (any number of greenlets).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from thriftpy2.protocol import TCompactProtocol, TCyBinaryProtocol
+from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
+
+from geventpool.errors import ConfigurationError, MalformedMessageError, MessageLimitError
+from geventpool.wire.codecs import PROTOCOLS, TRANSPORTS
+from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
+from geventpool.wire.scan import IncompleteMessageError, read_varint, scan_binary, scan_compact
+
+CALL, REPLY, EXCEPTION, ONEWAY = 1, 2, 3, 4
+MESSAGE_TYPES = {CALL: "CALL", REPLY: "REPLY", EXCEPTION: "EXCEPTION", ONEWAY: "ONEWAY"}
+
+_VERSION_1 = -2147418112  # 0x80010000 as a signed i32
+_VERSION_MASK = -65536  # 0xffff0000
+_COMPACT_ID = 0x82
+_i32 = struct.Struct("!i").unpack_from
+_two_i32 = struct.Struct("!ii").unpack_from
+_frame = struct.Struct("!i").pack
+
+
+Message = tuple[str, int, int, bytes, int]
+"""One message read off a buffer: ``(name, type, seqid, body, size)``: its header, its struct's
+bytes (checked), and how many bytes of the buffer it took. A plain tuple: it is made for every
+reply, and a named tuple costs ten times as much to make."""
+
+
+class MessageCodec:
+    """Messages of one ``transport`` and ``protocol``, checked against ``limits``."""
+
+    def __init__(self, transport: str, protocol: str, limits: WireLimits = DEFAULT_LIMITS) -> None:
+        if transport not in TRANSPORTS:
+            raise ConfigurationError(f"transport must be one of {sorted(TRANSPORTS)}")
+        if protocol not in PROTOCOLS:
+            raise ConfigurationError(f"protocol must be one of {sorted(PROTOCOLS)}")
+        self.transport = transport
+        self.protocol = protocol
+        self.limits = limits
+        self._framed = transport == "framed"
+        self._compact = protocol == "compact"
+        self._header: Callable[[bytes | bytearray, int, int], tuple[str, int, int, int]]
+        self._scan: Callable[[bytes | bytearray, int, int, WireLimits], int]
+        if self._compact:
+            self._header, self._scan = self._compact_header, scan_compact
+            self._out: Any = TMemoryBuffer()
+            self._writer: Any = TCompactProtocol(self._out)
+        else:
+            self._header, self._scan = self._binary_header, scan_binary
+            self._out = TCyMemoryBuffer()
+            self._writer = TCyBinaryProtocol(self._out)
+            self._in = TCyMemoryBuffer()
+            self._reader = TCyBinaryProtocol(
+                self._in, strict_decode=True, max_depth=limits.max_depth + 1
+            )
+
+    # -- out -----------------------------------------------------------------------------------
+
+    def encode(self, name: str, message_type: int, seqid: int, body: Any) -> bytes:
+        """The whole message (framed if the transport is): header and ``body`` (a thriftpy2
+        struct). Raises whatever the codec raises for a value it cannot write; nothing of a
+        failed message is left behind."""
+        out, writer = self._out, self._writer
+        try:
+            writer.write_message_begin(name, message_type, seqid)
+            writer.write_struct(body)
+            writer.write_message_end()
+            data: bytes = out.getvalue()
+        finally:
+            self._reset_out()
+        if self._framed:
+            return _frame(len(data)) + data
+        return data
+
+    def _reset_out(self) -> None:
+        if self._compact:
+            self._out = TMemoryBuffer()
+            self._writer = TCompactProtocol(self._out)
+        else:
+            self._out.clean()
+
+    # -- in ------------------------------------------------------------------------------------
+
+    def split(self, buf: bytes | bytearray) -> Message:
+        """The message at the front of ``buf`` (see the module for what is checked)."""
+        limits = self.limits
+        if self._framed:
+            available = len(buf)
+            if available < 4:
+                raise IncompleteMessageError(4)
+            (frame,) = _i32(buf, 0)
+            if frame < 0:
+                raise MalformedMessageError(f"negative frame length {frame}")
+            if frame > limits.max_frame_size:
+                raise MessageLimitError("max_frame_size", frame, limits.max_frame_size)
+            end = 4 + frame
+            if available < end:
+                raise IncompleteMessageError(end)
+            try:
+                name, message_type, seqid, start = self._header(buf, 4, end)
+                stop = self._scan(buf, start, end, limits)
+            except IncompleteMessageError:
+                raise MalformedMessageError(
+                    f"the message runs past the end of its {frame}-byte frame"
+                ) from None
+            if stop != end:
+                raise MalformedMessageError(
+                    f"{end - stop} bytes follow the message inside its {frame}-byte frame"
+                )
+            return name, message_type, seqid, bytes(buf[start:stop]), end
+        end = len(buf)
+        try:
+            name, message_type, seqid, start = self._header(buf, 0, end)
+            stop = self._scan(buf, start, end, limits)
+        except IncompleteMessageError as error:
+            if error.needed > limits.max_message_size:
+                raise MessageLimitError(
+                    "max_message_size", error.needed, limits.max_message_size, "(at least)"
+                ) from None
+            raise
+        if stop > limits.max_message_size:
+            raise MessageLimitError("max_message_size", stop, limits.max_message_size)
+        return name, message_type, seqid, bytes(buf[start:stop]), stop
+
+    def _binary_header(
+        self, buf: bytes | bytearray, pos: int, end: int
+    ) -> tuple[str, int, int, int]:
+        if end - pos < 8:
+            raise IncompleteMessageError(pos + 8)
+        version_type, length = _two_i32(buf, pos)
+        if version_type & _VERSION_MASK != _VERSION_1:
+            raise MalformedMessageError(
+                f"not a binary-protocol message: header 0x{version_type & 0xFFFFFFFF:08x}"
+            )
+        if length < 0 or length > self.limits.max_string_size:
+            raise _bad_name_length(length, self.limits)
+        start = pos + 8
+        name_end = start + length
+        if end < name_end + 4:
+            raise IncompleteMessageError(name_end + 4)
+        try:
+            name = buf[start:name_end].decode()
+        except UnicodeDecodeError:
+            raise MalformedMessageError("the method name is not UTF-8") from None
+        return name, version_type & 0xFF, _i32(buf, name_end)[0], name_end + 4
+
+    def _compact_header(
+        self, buf: bytes | bytearray, pos: int, end: int
+    ) -> tuple[str, int, int, int]:
+        if end - pos < 2:
+            raise IncompleteMessageError(pos + 2)
+        if buf[pos] != _COMPACT_ID:
+            raise MalformedMessageError(
+                f"not a compact-protocol message: first byte 0x{buf[pos]:02x}"
+            )
+        version_type = buf[pos + 1]
+        if version_type & 0x1F != 1:
+            raise MalformedMessageError(f"compact protocol version {version_type & 0x1F}, not 1")
+        seqid, pos = read_varint(buf, pos + 2, end, 5)
+        if seqid >= 2**31:
+            seqid -= 2**32
+        length, pos = read_varint(buf, pos, end, 5)
+        if length > self.limits.max_string_size:
+            raise _bad_name_length(length, self.limits)
+        if end < pos + length:
+            raise IncompleteMessageError(pos + length)
+        try:
+            name = buf[pos : pos + length].decode()
+        except UnicodeDecodeError:
+            raise MalformedMessageError("the method name is not UTF-8") from None
+        return name, version_type >> 5, seqid, pos + length
+
+    def decode(self, body: bytes, obj: Any) -> Any:
+        """Fill the thriftpy2 struct ``obj`` from a ``body`` that :meth:`split` checked."""
+        try:
+            if self._compact:
+                TCompactProtocol(TMemoryBuffer(body), strict_decode=True).read_struct(obj)
+            else:
+                self._in.setvalue(body)  # no yield until the struct is read: safe to share
+                self._reader.read_struct(obj)
+        except UnicodeDecodeError as error:
+            raise MalformedMessageError(
+                f"a string field is not UTF-8 ({error.reason} at byte {error.start});"
+                " declare it binary to receive bytes"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - checked bytes; anything left is malformed
+            raise MalformedMessageError(
+                f"undecodable {type(obj).__name__}: {error!r:.200}"
+            ) from None
+        return obj
+
+
+def _bad_name_length(length: int, limits: WireLimits) -> MalformedMessageError:
+    if length < 0:
+        return MalformedMessageError(f"negative method name length {length}")
+    return MessageLimitError("max_string_size", length, limits.max_string_size, "(method name)")
