@@ -227,6 +227,7 @@ def open_connection(
     deadline: float,
     lifetime: float,
     clock: Callable[[], float] = time.monotonic,
+    limits: WireLimits = DEFAULT_LIMITS,
 ) -> Connection:
     """Connect to ``instance`` within ``connect_timeout`` seconds (and before ``deadline``),
     speaking its registered transport and protocol. Raises :class:`ConnectError`."""
@@ -239,4 +240,6 @@ def open_connection(
         raise ConnectError(str(instance), f"connect failed: {error!r}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)  # every call is bounded by its own deadline instead
-    return Connection(instance, sock, service, clock=clock, expires_at=clock() + lifetime)
+    return Connection(
+        instance, sock, service, clock=clock, expires_at=clock() + lifetime, limits=limits
+    )

@@ -52,6 +52,7 @@ from geventpool.errors import (
     TransportError,
 )
 from geventpool.validation import check_seconds
+from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 
 ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
 _OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a connection
@@ -72,7 +73,8 @@ class PoolSettings:
     once; ``pre_ping`` the name of a no-argument method called on an idle connection before
     it is handed out (None: only the free socket check); ``eject_after``,
     ``eject_backoff`` and ``max_eject_backoff`` govern local ejection; ``reap_interval`` is
-    the reaper's period.
+    the reaper's period; ``limits`` bound every reply (see
+    :class:`~geventpool.wire.limits.WireLimits`).
     """
 
     max_connections: int = 10
@@ -87,8 +89,11 @@ class PoolSettings:
     eject_backoff: float = 1.0
     max_eject_backoff: float = 30.0
     reap_interval: float = 1.0
+    limits: WireLimits = DEFAULT_LIMITS
 
     def __post_init__(self) -> None:
+        if not isinstance(self.limits, WireLimits):
+            raise ConfigurationError(f"limits must be a WireLimits, not {self.limits!r}")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {self.max_connections!r}")
         if not isinstance(self.min_idle, int) or not 0 <= self.min_idle <= self.max_connections:
@@ -297,6 +302,7 @@ class InstancePool:
                 deadline=deadline,
                 lifetime=lifetime,
                 clock=self._clock,
+                limits=settings.limits,
             )
         except BaseException as error:
             self._opening -= 1

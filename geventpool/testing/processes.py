@@ -15,14 +15,22 @@ from gevent import subprocess
 
 
 class ServerProcess:
-    """One ``geventpool.testing.echo_server`` process; ``args`` are its command-line options.
+    """One ``geventpool.testing.echo_server`` process (or another ``module`` that prints the
+    same ready line); ``args`` are its command-line options.
 
     :meth:`start` returns once the server printed its ready line (so it serves and, with
     ``--zookeeper``, is registered); its JSON log goes to ``log_path``.
     """
 
-    def __init__(self, args: Sequence[str] = (), *, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        log_path: Path | None = None,
+        module: str = "geventpool.testing.echo_server",
+    ) -> None:
         self.args = list(args)
+        self.module = module
         self.log_path = log_path
         self.port: int | None = None
         self._process: subprocess.Popen | None = None
@@ -43,7 +51,7 @@ class ServerProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "geventpool.testing.echo_server", *self.args],
+            [sys.executable, "-m", self.module, *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=log,

@@ -90,6 +90,8 @@ def _binary(  # noqa: PLR0917 - a hot recursive walk: arguments beat attributes
         if pos + 6 > n:
             raise IncompleteMessageError(pos + 6)
         key_type, value_type, count = _map_header(buf, pos)
+        _check_binary_type(key_type, pos)
+        _check_binary_type(value_type, pos)
         _check_count(count, pos, limits)
         pos += 6
         key_size, value_size = _BINARY_FIXED.get(key_type), _BINARY_FIXED.get(value_type)
@@ -98,21 +100,18 @@ def _binary(  # noqa: PLR0917 - a hot recursive walk: arguments beat attributes
         for _ in range(count):
             pos = _binary(buf, pos, key_type, depth, n, limits)
             pos = _binary(buf, pos, value_type, depth, n, limits)
-        if count == 0:
-            _check_binary_type(key_type, pos)
-            _check_binary_type(value_type, pos)
         return pos
     # a list or a set
     if pos + 5 > n:
         raise IncompleteMessageError(pos + 5)
     element_type, count = _type_count(buf, pos)
+    size = _BINARY_FIXED.get(element_type)
+    if size is None:
+        _check_binary_type(element_type, pos)
     _check_count(count, pos, limits)
     pos += 5
-    size = _BINARY_FIXED.get(element_type)
     if size is not None:
         return _step(pos, count * size, n)
-    if count == 0:
-        _check_binary_type(element_type, pos)
     for _ in range(count):
         pos = _binary(buf, pos, element_type, depth, n, limits)
     return pos
@@ -238,10 +237,10 @@ def _compact(  # noqa: PLR0917 - a hot recursive walk: arguments beat attributes
     header = buf[pos]
     pos += 1
     element_type, count = header & 0x0F, header >> 4
+    _check_compact_element_type(element_type, pos)
     if count == 15:
         count, pos = read_varint(buf, pos, n, 5)
     _check_count(count, pos, limits)
-    _check_compact_element_type(element_type, pos)
     if element_type in (1, 2, 3):
         return _step(pos, count, n)
     if element_type == 7:
