@@ -73,6 +73,27 @@ def test_undeclared_exception_is_answered_as_internal_error_and_logged(
     assert server.stats.handler_errors == 1
 
 
+def test_a_result_that_does_not_fit_the_idl_is_answered_as_internal_error_and_logged(
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    class WrongResult(EchoHandler):
+        def echo(self, msg: str) -> Any:
+            return 12345 if msg == "wrong" else msg  # the IDL says string
+
+    server = ThriftServer(echo_thrift.Echo, WrongResult("x"), deregister_grace=0.0)
+    server.start()
+    try:
+        echo = client(server)
+        with pytest.raises(TApplicationException) as caught:
+            echo.echo("wrong")
+        assert caught.value.type == TApplicationException.INTERNAL_ERROR
+        assert echo.echo("still usable") == "still usable"
+        [event] = events_named(captured, events.SERVER_HANDLER_FAILED)
+        assert event["method"] == "echo"
+    finally:
+        server.stop(drain_timeout=1.0)
+
+
 def test_connections_beyond_the_maximum_wait_until_one_closes(
     serve: Callable[..., ThriftServer], captured: list[MutableMapping[str, Any]]
 ) -> None:

@@ -8,8 +8,12 @@
   closed (``None``: never). thriftpy2's own threaded server silently drops idle connections
   after 3 s; keep this longer than the client pool's idle timeout so that clients, which can
   tell, close idle connections first.
-* **One bad peer stays one bad peer.** Bytes that are not the configured protocol close that
-  connection only (``server_connection_error``); nothing reaches gevent's hub.
+* **One bad peer stays one bad peer.** Every request is read by our message layer
+  (:mod:`geventpool.wire.messages`) and checked against ``limits`` (a
+  :class:`~geventpool.wire.limits.WireLimits`: frame, message, string, container and depth
+  bounds) before anything is allocated or decoded; a request that is malformed, oversized or
+  not a CALL closes that connection only (``server_connection_error`` says what was seen).
+  Memory follows the limits, never a peer's claims, and no request can stall the hub.
 * **No hung callers.** A handler exception not declared in the IDL is logged
   (``server_handler_failed``) and answered with a ``TApplicationException(INTERNAL_ERROR)``;
   the connection stays usable. Declared exceptions reach the caller as declared.
@@ -36,18 +40,21 @@ import gevent.event
 import gevent.pool
 from gevent.server import StreamServer
 from kazoo.client import KazooClient
-from thriftpy2.thrift import TApplicationException, TException, TProcessor
-from thriftpy2.transport import TSocket
+from thriftpy2.thrift import TApplicationException
 
 from geventpool import events
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.registrar import Registrar
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_use
-from geventpool.errors import ConfigurationError
+from geventpool.errors import ConfigurationError, MalformedMessageError
 from geventpool.validation import check_seconds
-from geventpool.wire.codecs import protocol_factory, transport_factory
+from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
+from geventpool.wire.messages import CALL, EXCEPTION, MESSAGE_TYPES, ONEWAY, REPLY, MessageCodec
+from geventpool.wire.scan import IncompleteMessageError
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
+_RECEIVE = 16_384  # bytes asked of one recv() when the request's size is not known yet
+_RECEIVE_MAX = 1 << 20  # the most asked of one recv() for a request known to be larger
 
 
 @dataclass(frozen=True)
@@ -97,47 +104,73 @@ class _Connection:
             self.sock.shutdown(socket.SHUT_RD)
 
 
-class _Processor(TProcessor):
-    """thriftpy2's processor, plus: undeclared exceptions become INTERNAL_ERROR replies."""
+class _Dispatcher:
+    """Calls the handler for one request and encodes its answer: the result, a declared
+    exception, or a ``TApplicationException`` (unknown method; INTERNAL_ERROR for an
+    undeclared exception or a result that does not fit the IDL, both logged)."""
 
     def __init__(
         self, service: Any, handler: object, on_failure: Callable[[str, Exception], None]
     ) -> None:
-        super().__init__(service, handler)
+        self._service = service
+        self._handler = handler
+        self._methods = frozenset(service.thrift_services)
         self._on_failure = on_failure
 
-    def process_call(self, iprot: Any, oprot: Any, connection: _Connection) -> None:
-        api, seqid, result, call = self.process_in(iprot)
+    def answer(
+        self, codec: MessageCodec, name: str, seqid: int, body: bytes, connection: _Connection
+    ) -> bytes | None:
+        """The encoded reply to request ``name`` #``seqid`` (None for a oneway call)."""
+        if name not in self._methods:
+            failure = TApplicationException(
+                TApplicationException.UNKNOWN_METHOD, f"unknown method {name[:64]!r}"
+            )
+            return codec.encode(name, EXCEPTION, seqid, failure)
+        args = codec.decode(body, getattr(self._service, f"{name}_args")())
+        result = getattr(self._service, f"{name}_result")()
+        values = [getattr(args, field[1]) for field in args.thrift_spec.values()]
         connection.busy = True
         try:
-            if isinstance(result, TApplicationException):
-                self.send_exception(oprot, api, result, seqid)
-                return
-            assert call is not None
-            try:
-                result.success = call()
-            except TApplicationException as error:
-                self.send_exception(oprot, api, error, seqid)
-                return
-            except Exception as error:  # noqa: BLE001 - answered, not raised
-                if not self.handle_exception(error, result):
-                    self._on_failure(api, error)
-                    failure = TApplicationException(
-                        TApplicationException.INTERNAL_ERROR,
-                        f"{type(error).__name__} in {api}",
-                    )
-                    self.send_exception(oprot, api, failure, seqid)
-                    return
-            if not result.oneway:
-                self.send_result(oprot, api, result, seqid)
+            result.success = getattr(self._handler, name)(*values)
+        except TApplicationException as error:
+            return codec.encode(name, EXCEPTION, seqid, error)
+        except Exception as error:  # noqa: BLE001 - answered, not raised
+            if not _declared(error, result):
+                return self._internal_error(codec, name, seqid, error)
         finally:
             connection.busy = False
+        if result.oneway:
+            return None
+        try:
+            return codec.encode(name, REPLY, seqid, result)
+        except Exception as error:  # noqa: BLE001 - the handler returned what the IDL does not allow
+            return self._internal_error(codec, name, seqid, error)
+
+    def _internal_error(
+        self, codec: MessageCodec, name: str, seqid: int, error: Exception
+    ) -> bytes:
+        self._on_failure(name, error)
+        failure = TApplicationException(
+            TApplicationException.INTERNAL_ERROR, f"{type(error).__name__} in {name}"
+        )
+        return codec.encode(name, EXCEPTION, seqid, failure)
+
+
+def _declared(error: Exception, result: Any) -> bool:
+    """Put ``error`` into ``result`` if the IDL declares it for the method."""
+    for key in sorted(result.thrift_spec):
+        field = result.thrift_spec[key]
+        if field[1] != "success" and isinstance(error, field[2]):
+            setattr(result, field[1], error)
+            return True
+    return False
 
 
 class ThriftServer:
     """Serves ``handler`` for the thriftpy2 ``service`` on ``host:port`` (port 0: any free one).
 
-    Durations are float seconds. ``transport`` and ``protocol`` must match the clients'.
+    Durations are float seconds. ``transport`` and ``protocol`` must match the clients';
+    ``limits`` bound every request (see :class:`~geventpool.wire.limits.WireLimits`).
     """
 
     def __init__(
@@ -154,6 +187,7 @@ class ThriftServer:
         transport: str = "buffered",
         protocol: str = "binary",
         registration: Registration | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
@@ -177,9 +211,9 @@ class ThriftServer:
         self._deregister_grace = deregister_grace
         self._transport = transport
         self._protocol = protocol
-        self._transport_factory = transport_factory(transport)
-        self._protocol_factory = protocol_factory(protocol)
-        self._processor = _Processor(service, handler, self._handler_failed)
+        MessageCodec(transport, protocol, limits)  # checks both names now
+        self._limits = limits
+        self._dispatcher = _Dispatcher(service, handler, self._handler_failed)
         self._registration = registration
         self._pool = gevent.pool.Pool(max_connections)
         self._connections: set[_Connection] = set()
@@ -301,18 +335,17 @@ class ThriftServer:
             )
         try:
             sock.settimeout(self._idle_timeout)
-            tsocket = TSocket(sock=sock)
-            iprot = self._protocol_factory.get_protocol(
-                self._transport_factory.get_transport(tsocket)
-            )
-            oprot = self._protocol_factory.get_protocol(
-                self._transport_factory.get_transport(tsocket)
-            )
-            while not self._draining:
-                self._processor.process_call(iprot, oprot, connection)
-                self.stats.calls += 1
-        except (TException, OSError, EOFError):
+            self._serve(sock, connection)
+        except (OSError, EOFError):
             pass  # the peer closed, the idle timeout or the drain: the ordinary ends
+        except MalformedMessageError as error:
+            events.emit(
+                events.SERVER_CONNECTION_ERROR,
+                "warning",
+                port=self.port,
+                peer=f"{address[0]}:{address[1]}",
+                error=error.reason[:200],
+            )
         except Exception as error:  # noqa: BLE001 - one bad peer must not reach the hub
             events.emit(
                 events.SERVER_CONNECTION_ERROR,
@@ -325,6 +358,30 @@ class ThriftServer:
             self._connections.discard(connection)
             self.stats.connections = len(self._connections)
             sock.close()
+
+    def _serve(self, sock: socket.socket, connection: _Connection) -> None:
+        """Read requests one by one, each checked before it is decoded, and answer them."""
+        codec = MessageCodec(self._transport, self._protocol, self._limits)
+        buffer = bytearray()
+        dispatcher = self._dispatcher
+        while not self._draining:
+            try:
+                name, message_type, seqid, body, size = codec.split(buffer)
+            except IncompleteMessageError as short:
+                wanted = short.needed - len(buffer)
+                data = sock.recv(min(max(wanted, _RECEIVE), _RECEIVE_MAX))
+                if not data:
+                    return  # the peer closed (or the drain shut reading)
+                buffer += data
+                continue
+            del buffer[:size]
+            if message_type not in (CALL, ONEWAY):
+                kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
+                raise MalformedMessageError(f"expected a CALL, got {kind} {name[:64]!r} #{seqid}")
+            reply = dispatcher.answer(codec, name, seqid, body, connection)
+            if reply is not None and message_type == CALL:
+                sock.sendall(reply)
+            self.stats.calls += 1
 
     def _handler_failed(self, api: str, error: Exception) -> None:
         self.stats.handler_errors += 1
