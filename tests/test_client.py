@@ -3,6 +3,7 @@ leak, waiters are served in order, dead instances are ejected, idle connections 
 
 from __future__ import annotations
 
+import random
 import resource
 import socket
 import time
@@ -295,6 +296,27 @@ def test_a_server_restarted_while_connections_were_idle_causes_no_failed_call(
     assert [r.value for r in results] == [f"after restart {n}" for n in range(20)]
     [instance] = client.status().instances
     assert instance.failures == 0 and instance.closed >= 5
+
+
+def test_with_pre_ping_and_one_connection_never_more_than_one_socket_is_opened(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    """A connection being pinged counts against the cap: nobody opens a second one meanwhile."""
+    server = serve()
+    client = make_client(
+        instances=at(server), pool=settings(max_connections=1, pre_ping="ping", pool_timeout=10)
+    )
+
+    def caller(number: int) -> None:
+        pause = random.Random(number)
+        for call in range(20):  # spread out, so that callers also arrive while one pings
+            assert client.echo(f"{number}-{call}") == f"{number}-{call}"
+            gevent.sleep(pause.random() * 0.002)
+
+    gevent.joinall([gevent.spawn(caller, n) for n in range(20)], raise_error=True, timeout=30)
+    assert server.stats.accepted == 1
+    [instance] = client.status().instances
+    assert (instance.opened, instance.in_use) == (1, 0)
 
 
 def test_a_stopped_client_refuses_calls(

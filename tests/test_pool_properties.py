@@ -17,14 +17,16 @@ import time
 from typing import Any
 
 import gevent
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from geventpool import events
 from geventpool.client.connection import Connection
 from geventpool.client.pool import InstancePool, PoolSettings
 from geventpool.discovery.instance import Instance
-from geventpool.errors import ConnectError, PoolExhaustedError
+from geventpool.errors import ConnectError, PoolError, PoolExhaustedError
 
 MAX = 3
 INSTANCE = Instance(host="127.0.0.1", port=9)
@@ -193,5 +195,67 @@ def test_a_waiter_killed_right_after_being_granted_a_slot_gives_it_back() -> Non
     assert (status.in_use, status.opening, status.idle, status.waiters) == (0, 0, 0, 0)
     fresh = pool.acquire(time.monotonic() + 1)  # the slot is free again
     assert fresh is not held
+    for peer in peers:
+        peer.close()
+
+
+def test_releasing_a_connection_twice_raises_and_changes_nothing() -> None:
+    peers: list[socket.socket] = []
+
+    def connect(instance: Instance, service: Any, **options: Any) -> Connection:
+        mine, peer = socket.socketpair()
+        peers.append(peer)
+        return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
+
+    pool = InstancePool("svc", INSTANCE, None, PoolSettings(max_connections=2), connect=connect)
+    a = pool.acquire(time.monotonic() + 1)
+    b = pool.acquire(time.monotonic() + 1)
+    pool.release(a)
+    with pytest.raises(PoolError, match="released twice"):
+        pool.release(a)  # b is still out: the in-use count alone would not tell
+    status = pool.status()
+    assert (status.in_use, status.idle) == (1, 1)
+    assert pool.acquire(time.monotonic() + 1) is a
+    with pytest.raises(PoolError, match="not checked out from this pool"):
+        pool.release(connect(INSTANCE, None, clock=time.monotonic))  # never handed out
+    pool.release(a)
+    pool.release(b)
+    for peer in peers:
+        peer.close()
+
+
+def test_the_reaper_takes_connections_off_the_stack_before_it_logs() -> None:
+    """A log pipeline that yields while the reaper logs lets another caller check out: it
+    must get a live connection, and the reaper must not put that one back on the stack."""
+    peers: list[socket.socket] = []
+
+    def connect(instance: Instance, service: Any, **options: Any) -> Connection:
+        mine, peer = socket.socketpair()
+        peers.append(peer)
+        return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
+
+    pool = InstancePool("svc", INSTANCE, None, PoolSettings(max_connections=2), connect=connect)
+    alive = pool.acquire(time.monotonic() + 1)
+    dead = pool.acquire(time.monotonic() + 1)
+    pool.release(alive)
+    pool.release(dead)
+    peers[1].close()  # dead's peer went away: the reaper closes it
+    taken: list[Connection] = []
+
+    def yielding_log(*args: Any, **kwargs: Any) -> None:
+        if not taken:  # another caller runs while the log line is written
+            taken.append(pool.acquire(time.monotonic() + 1))
+
+    original = events.emit
+    events.emit = yielding_log
+    try:
+        pool.reap()
+    finally:
+        events.emit = original
+    assert taken == [alive]
+    assert pool._idle == []  # alive is checked out, not idle as well
+    assert (pool.status().in_use, pool.status().closed) == (1, 1)
+    pool.release(alive)
+    alive.close()
     for peer in peers:
         peer.close()

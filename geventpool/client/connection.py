@@ -78,6 +78,7 @@ class Connection:
         "_service",
         "_sock",
         "broken",
+        "checked_out",
         "created_at",
         "expires_at",
         "instance",
@@ -106,6 +107,7 @@ class Connection:
         self.created_at = self.last_used = clock()
         self.expires_at = expires_at
         self.broken = False
+        self.checked_out = False  # set and cleared by the pool only
 
     def call(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float

@@ -165,8 +165,9 @@ class InstancePool:
         self._open_connections: set[Connection] = set()  # idle and checked out
         self._waiters: deque[AsyncResult] = deque()
         self._waiting = 0
-        self._in_use = 0
-        self._opening = 0
+        self._in_use = 0  # checked out
+        self._checking = 0  # taken off the idle stack for a pre_ping, not yet handed out
+        self._opening = 0  # slots reserved by callers whose connect is under way
         self.state = ACTIVE
         self.failures = 0
         self._ejected_until: float | None = None
@@ -195,7 +196,8 @@ class InstancePool:
         """Whether a caller would get a connection without waiting."""
         return self._waiting == 0 and (
             bool(self._idle)
-            or self._in_use + len(self._idle) + self._opening < self._settings.max_connections
+            or self._in_use + self._checking + len(self._idle) + self._opening
+            < self._settings.max_connections
         )
 
     def acquire(self, deadline: float) -> Connection:
@@ -216,7 +218,7 @@ class InstancePool:
                 if connection.usable(now) and self._ping(connection, deadline):
                     return self._take(connection)
                 self._discard(connection)
-            if self._in_use + self._opening < self._settings.max_connections:
+            if self._in_use + self._checking + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
                 return self._take(self._open(deadline))
         return self._wait(deadline)
@@ -242,16 +244,21 @@ class InstancePool:
 
     def _take(self, connection: Connection) -> Connection:
         """Count ``connection`` as checked out by the caller it is handed to."""
+        connection.checked_out = True
         self._in_use += 1
         self.checkouts += 1
         return connection
 
     def release(self, connection: Connection) -> None:
         """Check ``connection`` back in: to the oldest waiter, to the idle stack, or closed
-        (broken, past its lifetime, or the pool is not active). Raises PoolError if it was
-        not checked out."""
-        if self._in_use <= 0:
-            raise PoolError(f"release of a connection to {self.name} that was not checked out")
+        (broken, past its lifetime, or the pool is not active). Raises PoolError, changing
+        nothing, for a connection this pool did not hand out or that was released already."""
+        if not connection.checked_out or connection not in self._open_connections:
+            raise PoolError(
+                f"release of a connection to {self.name} that is not checked out from this"
+                " pool (released twice?)"
+            )
+        connection.checked_out = False
         self._in_use -= 1
         # last_used was stamped when its call ended: no second clock read on the hot path
         if (
@@ -279,7 +286,8 @@ class InstancePool:
             return
         while (
             self._waiters
-            and self._in_use + len(self._idle) + self._opening < self._settings.max_connections
+            and self._in_use + self._checking + len(self._idle) + self._opening
+            < self._settings.max_connections
         ):
             waiter = self._waiters.popleft()
             if waiter.ready():
@@ -364,20 +372,27 @@ class InstancePool:
         )
 
     def _ping(self, connection: Connection, deadline: float) -> bool:
+        """Whether ``connection`` (off the idle stack) answers ``pre_ping``; while it is being
+        asked it counts against the cap, so no second socket is opened meanwhile."""
         method = self._settings.pre_ping
         if method is None:
             return True
         ping_deadline = min(deadline, self._clock() + self._settings.connect_timeout)
+        self._checking += 1
         try:
             connection.call(method, (), {}, ping_deadline)
+            answered = True
         except TransportError:
-            return False
+            answered = False
         except Exception:  # noqa: BLE001 - a declared exception is still an answer
-            return not connection.broken
-        except BaseException:  # the caller was cancelled mid-ping: the connection is off the stack
+            answered = not connection.broken
+        except BaseException:  # the caller was cancelled mid-ping: its slot goes on
+            self._checking -= 1
             self._discard(connection)
+            self._grant_slot()
             raise
-        return True
+        self._checking -= 1
+        return answered
 
     def _discard(self, connection: Connection) -> None:
         connection.close()
@@ -394,7 +409,7 @@ class InstancePool:
             return False
         if self._ejected_until is None:
             return True
-        return now >= self._ejected_until and self._in_use + self._opening == 0
+        return now >= self._ejected_until and self._in_use + self._checking + self._opening == 0
 
     def record_success(self) -> None:
         """A call succeeded: the consecutive failures end, an ejection is over."""
@@ -445,23 +460,26 @@ class InstancePool:
         now = self._clock()
         idle_timeout = self._settings.idle_timeout
         keep: list[Connection] = []
+        doomed: list[Connection] = []
         surplus = len(self._idle) - self._settings.min_idle
         for connection in self._idle:  # oldest (least recently used) first
             stale = idle_timeout is not None and now - connection.last_used >= idle_timeout
             if not connection.usable(now) or (stale and surplus > 0):
                 surplus -= 1
-                self.reaped += 1
-                self._discard(connection)
-                events.emit(
-                    events.CONNECTION_REAPED,
-                    "debug",
-                    service=self._service_name,
-                    instance=self.name,
-                    idle_for=round(now - connection.last_used, 3),
-                )
+                doomed.append(connection)
             else:
                 keep.append(connection)
-        self._idle[:] = keep
+        self._idle[:] = keep  # before anything can yield (a log pipeline may)
+        for connection in doomed:
+            self.reaped += 1
+            self._discard(connection)
+            events.emit(
+                events.CONNECTION_REAPED,
+                "debug",
+                service=self._service_name,
+                instance=self.name,
+                idle_for=round(now - connection.last_used, 3),
+            )
 
     def fill(self) -> None:
         """Open connections until ``min_idle`` are idle (or being opened), within the cap."""
@@ -470,7 +488,8 @@ class InstancePool:
             self.state is ACTIVE
             and self.available(self._clock())
             and len(self._idle) + self._opening < settings.min_idle
-            and self._in_use + len(self._idle) + self._opening < settings.max_connections
+            and self._in_use + self._checking + len(self._idle) + self._opening
+            < settings.max_connections
         ):
             self._opening += 1
             try:
