@@ -17,6 +17,9 @@ Usage: ``scripts/benchmark.sh [--quick] [--out docs/benchmarks]`` (sets up, then
    instances (1 .. 1,000) grow.
 3. **Behaviour**: SIGKILL and SIGSTOP of one of three servers under load, a server joining,
    a ZooKeeper restart, 1,000 registered instances.
+4. **Hostile input** (``scripts/hostile_figures.py``): replies and requests that claim huge
+   strings, frames and lists, unknown types and deep nesting: time to the typed error, the
+   longest hub stall, peak memory growth, on the client and on the server.
 
 Results go to ``<out>/results.json`` and ``<out>/README.md`` with PNG plots.
 """
@@ -48,6 +51,8 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 import gevent.queue  # noqa: E402
 import structlog  # noqa: E402
+from hostile_figures import hostile_figures  # noqa: E402 - beside this script
+from hostile_figures import markdown as hostile_markdown  # noqa: E402
 from thriftpy2.rpc import make_client  # noqa: E402
 
 from geventpool.client.connection import Connection  # noqa: E402
@@ -668,6 +673,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("pool-only cost <= 3 us per call at 100 callers", at_100 <= 3.0, f"{at_100:.2f} us"),
         ("10,000 callers complete", any(p["callers"] == 10_000 for p in cost["callers"]), "yes"),
     ]
+    lines += ["", *hostile_markdown(results["hostile"])]
     lines += ["", "## Targets", "", "| target | met | figure |", "|---|---|---|"]
     lines += [
         f"| {name} | {'yes' if met else '**no**'} | {figure} |" for name, met, figure in targets
@@ -711,7 +717,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["throughput", "pool_cost", "behaviour"]
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["throughput", "pool_cost", "behaviour", "hostile"],
     )
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
@@ -747,6 +756,9 @@ def main() -> int:
         if "behaviour" not in args.skip:
             print("behaviour", flush=True)
             results["behaviour"] = behaviour(folder)
+        if "hostile" not in args.skip:
+            print("hostile input", flush=True)
+            results["hostile"] = hostile_figures()
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if not args.skip:
         plots(results, args.out)
