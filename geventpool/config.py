@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,6 +32,7 @@ from geventpool.client.pool import PoolSettings
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
 from geventpool.errors import ConfigurationError
 from geventpool.secret import Secret
+from geventpool.wire.limits import WireLimits
 
 _REQUIRED = object()
 
@@ -148,7 +149,7 @@ def _settings(table: _Table, cls: Any) -> dict[str, Any]:
     """The fields of the settings dataclass ``cls`` present in ``table``, typed by default."""
     values: dict[str, Any] = {}
     for spec in fields(cls):
-        if table.has(spec.name):
+        if table.has(spec.name) and not is_dataclass(spec.default):  # a sub-table: read apart
             kind = str if spec.default is None else type(spec.default)
             values[spec.name] = table.get(spec.name, kind)
     return values
@@ -240,7 +241,10 @@ def _zookeeper(table: _Table) -> ZooKeeperConfig:
 
 def _service(name: str, table: _Table) -> ServiceConfig:
     pool_table = table.table("pool", None)
-    pool = PoolSettings(**_settings(pool_table, PoolSettings))
+    limits_table = pool_table.table("limits", None)
+    limits = WireLimits(**_settings(limits_table, WireLimits))
+    limits_table.done()
+    pool = PoolSettings(**_settings(pool_table, PoolSettings), limits=limits)
     pool_table.done()
     service = ServiceConfig(
         name=name,

@@ -27,6 +27,7 @@ def test_the_example_configuration_loads_with_every_channel() -> None:
     assert config.zookeeper is not None and config.zookeeper.hosts == "127.0.0.1:2181"
     calc = config.services["calc"]
     assert (calc.pool.max_connections, calc.pool.min_idle, calc.balancer) == (10, 2, "least_in_use")
+    assert (calc.pool.limits.max_frame_size, calc.pool.limits.max_depth) == (16_384_000, 64)
     assert config.alerts.rate_limit == 20
     kinds = [type(channel) for channel in config.channels]
     assert kinds == [LogChannel, SmtpChannel, WebhookChannel, WebhookChannel, SmsChannel]
@@ -142,3 +143,17 @@ def test_an_unreadable_or_invalid_file_is_a_configuration_error(tmp_path: Path) 
     (tmp_path / "bad.toml").write_text("[alerts\n")
     with pytest.raises(ConfigurationError, match="not valid TOML"):
         load_config(tmp_path / "bad.toml")
+
+
+def test_wire_limits_are_read_from_the_pool_limits_table() -> None:
+    data = {"services": {"calc": {"pool": {"max_connections": 3, "limits": {"max_depth": 8}}}}}
+    pool = parse_config(data, {}, Path(".")).services["calc"].pool
+    assert (pool.max_connections, pool.limits.max_depth, pool.limits.max_frame_size) == (
+        3,
+        8,
+        16_384_000,
+    )
+    with pytest.raises(ConfigurationError, match="max_dept"):
+        parse_config({"services": {"calc": {"pool": {"limits": {"max_dept": 8}}}}}, {}, Path("."))
+    with pytest.raises(ConfigurationError, match=r"max_depth must be an int of 1 \.\. 64"):
+        parse_config({"services": {"calc": {"pool": {"limits": {"max_depth": 99}}}}}, {}, Path("."))
