@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -151,7 +152,10 @@ PoolMachine.TestCase.settings = settings(
 test_pool_bookkeeping_survives_random_callers_kills_and_failing_connects = PoolMachine.TestCase
 
 
-def _pool_of_one() -> tuple[InstancePool, list[socket.socket]]:
+def _pool_of(
+    max_connections: int = 1,
+) -> tuple[InstancePool, list[socket.socket], Callable[..., Connection]]:
+    """A pool of socket-pair connections, their peers, and its connect function."""
     peers: list[socket.socket] = []
 
     def connect(instance: Instance, service: Any, **options: Any) -> Connection:
@@ -159,12 +163,12 @@ def _pool_of_one() -> tuple[InstancePool, list[socket.socket]]:
         peers.append(peer)
         return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
 
-    settings_ = PoolSettings(max_connections=1, pool_timeout=5.0)
-    return InstancePool("svc", INSTANCE, None, settings_, connect=connect), peers
+    settings_ = PoolSettings(max_connections=max_connections, pool_timeout=5.0)
+    return InstancePool("svc", INSTANCE, None, settings_, connect=connect), peers, connect
 
 
 def test_a_waiter_killed_right_after_being_handed_a_connection_passes_it_on() -> None:
-    pool, peers = _pool_of_one()
+    pool, peers, _ = _pool_of()
     held = pool.acquire(time.monotonic() + 1)
     waiter = gevent.spawn(pool.acquire, time.monotonic() + 5)
     gevent.sleep(0.01)
@@ -181,7 +185,7 @@ def test_a_waiter_killed_right_after_being_handed_a_connection_passes_it_on() ->
 
 
 def test_a_waiter_killed_right_after_being_granted_a_slot_gives_it_back() -> None:
-    pool, peers = _pool_of_one()
+    pool, peers, _ = _pool_of()
     held = pool.acquire(time.monotonic() + 1)
     waiter = gevent.spawn(pool.acquire, time.monotonic() + 5)
     gevent.sleep(0.01)
@@ -200,14 +204,7 @@ def test_a_waiter_killed_right_after_being_granted_a_slot_gives_it_back() -> Non
 
 
 def test_releasing_a_connection_twice_raises_and_changes_nothing() -> None:
-    peers: list[socket.socket] = []
-
-    def connect(instance: Instance, service: Any, **options: Any) -> Connection:
-        mine, peer = socket.socketpair()
-        peers.append(peer)
-        return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
-
-    pool = InstancePool("svc", INSTANCE, None, PoolSettings(max_connections=2), connect=connect)
+    pool, peers, connect = _pool_of(2)
     a = pool.acquire(time.monotonic() + 1)
     b = pool.acquire(time.monotonic() + 1)
     pool.release(a)
@@ -227,14 +224,7 @@ def test_releasing_a_connection_twice_raises_and_changes_nothing() -> None:
 def test_the_reaper_takes_connections_off_the_stack_before_it_logs() -> None:
     """A log pipeline that yields while the reaper logs lets another caller check out: it
     must get a live connection, and the reaper must not put that one back on the stack."""
-    peers: list[socket.socket] = []
-
-    def connect(instance: Instance, service: Any, **options: Any) -> Connection:
-        mine, peer = socket.socketpair()
-        peers.append(peer)
-        return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
-
-    pool = InstancePool("svc", INSTANCE, None, PoolSettings(max_connections=2), connect=connect)
+    pool, peers, _ = _pool_of(2)
     alive = pool.acquire(time.monotonic() + 1)
     dead = pool.acquire(time.monotonic() + 1)
     pool.release(alive)
