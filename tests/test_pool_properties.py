@@ -27,7 +27,7 @@ from geventpool import events
 from geventpool.client.connection import Connection
 from geventpool.client.pool import InstancePool, PoolSettings
 from geventpool.discovery.instance import Instance
-from geventpool.errors import ConnectError, PoolError, PoolExhaustedError
+from geventpool.errors import ConnectError, PoolClosedError, PoolError, PoolExhaustedError
 
 MAX = 3
 INSTANCE = Instance(host="127.0.0.1", port=9)
@@ -247,5 +247,28 @@ def test_the_reaper_takes_connections_off_the_stack_before_it_logs() -> None:
     assert (pool.status().in_use, pool.status().closed) == (1, 1)
     pool.release(alive)
     alive.close()
+    for peer in peers:
+        peer.close()
+
+
+def test_a_pool_retired_during_a_pre_ping_hands_out_nothing() -> None:
+    pool, peers, _ = _pool_of(1)
+    pool._settings = PoolSettings(max_connections=1, pre_ping="ping")
+    pool.release(pool.acquire(time.monotonic() + 1))  # one idle connection
+
+    def ping_while_retiring(method: str, args: Any, kwargs: Any, deadline: float) -> None:
+        pool.shut()  # the instance leaves while the ping is under way
+
+    [connection] = pool._idle
+    original = Connection.call  # Connection has slots: the class is patched, for this test
+    Connection.call = lambda self, *a: ping_while_retiring(*a)  # type: ignore[method-assign]
+    try:
+        with pytest.raises(PoolClosedError):
+            pool.acquire(time.monotonic() + 1)
+    finally:
+        Connection.call = original  # type: ignore[method-assign]
+    status = pool.status()
+    assert (status.in_use, status.idle, status.state) == (0, 0, "retired")
+    assert connection.fileno() == -1
     for peer in peers:
         peer.close()

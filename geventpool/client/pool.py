@@ -216,7 +216,10 @@ class InstancePool:
             while self._idle:
                 connection = self._idle.pop()
                 if connection.usable(now) and self._ping(connection, deadline):
-                    return self._take(connection)
+                    if self.state is ACTIVE:
+                        return self._take(connection)
+                    self._discard(connection)  # retired, closed or ejected during the ping
+                    raise PoolClosedError(f"pool of {self.name} is {self.state}")
                 self._discard(connection)
             if self._in_use + self._checking + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
