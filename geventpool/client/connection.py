@@ -52,15 +52,21 @@ from geventpool.errors import (
 )
 from geventpool.wire.arguments import MethodSpec, method_spec
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
-from geventpool.wire.messages import CALL, EXCEPTION, MESSAGE_TYPES, ONEWAY, REPLY, MessageCodec
+from geventpool.wire.messages import (
+    CALL,
+    EXCEPTION,
+    MESSAGE_TYPES,
+    ONEWAY,
+    REPLY,
+    MessageCodec,
+    receive,
+)
 from geventpool.wire.scan import IncompleteMessageError
 
 # The health check polls without blocking, with the unpatched poll: select() cannot watch a
 # descriptor >= 1024 and would call every connection of a busy process dead.
 _poll = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI
-_RECEIVE = 16_384  # bytes asked of one recv() when the message's size is not known yet
-_RECEIVE_MAX = 1 << 20  # the most asked of one recv() for a message known to be larger
 _SEQID_LIMIT = 2**31 - 1
 
 
@@ -165,7 +171,7 @@ class Connection:
                 name, message_type, reply_seqid, body, size = codec.split(buffer)
                 break
             except IncompleteMessageError as short:
-                self._read(short.needed - len(buffer))
+                self._read(short.needed)
         del buffer[:size]
         if reply_seqid != seqid or name != spec.name or message_type not in (REPLY, EXCEPTION):
             kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
@@ -190,15 +196,10 @@ class Connection:
             TApplicationException.MISSING_RESULT, f"{spec.name}() returned no result"
         )
 
-    def _read(self, at_least: int) -> None:
-        """Receive at least ``at_least`` more bytes (the limits already bound it)."""
-        buffer, sock = self._buffer, self._sock
-        wanted = len(buffer) + max(at_least, 1)
-        while len(buffer) < wanted:
-            data = sock.recv(min(max(wanted - len(buffer), _RECEIVE), _RECEIVE_MAX))
-            if not data:
-                raise EOFError("the server closed the connection")
-            buffer += data
+    def _read(self, needed: int) -> None:
+        """Receive until the buffer holds ``needed`` bytes (at least one more)."""
+        if not receive(self._sock, self._buffer, needed):
+            raise EOFError("the server closed the connection")
 
     def usable(self, now: float) -> bool:
         """Whether the connection may be handed out: not broken, not past its lifetime, and

@@ -49,12 +49,18 @@ from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_u
 from geventpool.errors import ConfigurationError, MalformedMessageError
 from geventpool.validation import check_seconds
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
-from geventpool.wire.messages import CALL, EXCEPTION, MESSAGE_TYPES, ONEWAY, REPLY, MessageCodec
+from geventpool.wire.messages import (
+    CALL,
+    EXCEPTION,
+    MESSAGE_TYPES,
+    ONEWAY,
+    REPLY,
+    MessageCodec,
+    receive,
+)
 from geventpool.wire.scan import IncompleteMessageError
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
-_RECEIVE = 16_384  # bytes asked of one recv() when the request's size is not known yet
-_RECEIVE_MAX = 1 << 20  # the most asked of one recv() for a request known to be larger
 
 
 @dataclass(frozen=True)
@@ -368,11 +374,8 @@ class ThriftServer:
             try:
                 name, message_type, seqid, body, size = codec.split(buffer)
             except IncompleteMessageError as short:
-                wanted = short.needed - len(buffer)
-                data = sock.recv(min(max(wanted, _RECEIVE), _RECEIVE_MAX))
-                if not data:
+                if not receive(sock, buffer, short.needed):
                     return  # the peer closed (or the drain shut reading)
-                buffer += data
                 continue
             del buffer[:size]
             if message_type not in (CALL, ONEWAY):

@@ -36,6 +36,8 @@ from geventpool.wire.scan import IncompleteMessageError, read_varint, scan_binar
 CALL, REPLY, EXCEPTION, ONEWAY = 1, 2, 3, 4
 MESSAGE_TYPES = {CALL: "CALL", REPLY: "REPLY", EXCEPTION: "EXCEPTION", ONEWAY: "ONEWAY"}
 
+RECEIVE = 16_384  # bytes asked of one recv() when a message's size is not known yet
+RECEIVE_MAX = 1 << 20  # the most asked of one recv() for a message known to be larger
 _VERSION_1 = -2147418112  # 0x80010000 as a signed i32
 _VERSION_MASK = -65536  # 0xffff0000
 _COMPACT_ID = 0x82
@@ -218,3 +220,16 @@ def _bad_name_length(length: int, limits: WireLimits) -> MalformedMessageError:
     if length < 0:
         return MalformedMessageError(f"negative method name length {length}")
     return MessageLimitError("max_string_size", length, limits.max_string_size, "(method name)")
+
+
+def receive(sock: Any, buffer: bytearray, needed: int) -> bool:
+    """Receive into ``buffer`` until it holds ``needed`` bytes (at least one more byte);
+    False if the peer closed first. ``needed`` comes from :meth:`MessageCodec.split`, which
+    has already held it to the limits."""
+    wanted = max(needed, len(buffer) + 1)
+    while len(buffer) < wanted:
+        data = sock.recv(min(max(wanted - len(buffer), RECEIVE), RECEIVE_MAX))
+        if not data:
+            return False
+        buffer += data
+    return True
