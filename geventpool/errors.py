@@ -84,6 +84,20 @@ class ConnectionClosedError(PoolError):
         super().__init__(f"{instance}: {method}(): {why}; nothing was sent")
 
 
+class ConnectionBusyError(PoolError):
+    """A call on a connection while another call on it is in progress: a borrowed connection
+    (``with client.connection() as c:``) shared by greenlets. Nothing was sent; the other
+    call goes on undisturbed. Borrow one connection per greenlet."""
+
+    def __init__(self, instance: str, method: str) -> None:
+        self.instance = instance
+        self.method = method
+        super().__init__(
+            f"{instance}: {method}(): another call is in progress on this connection;"
+            " nothing was sent"
+        )
+
+
 class PoolExhaustedError(PoolError):
     """Every connection was busy and none could be opened within the wait.
 

@@ -21,6 +21,7 @@ from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
+    ConnectionBusyError,
     ConnectionClosedError,
     InvalidArgumentsError,
     NoInstancesError,
@@ -30,7 +31,7 @@ from geventpool.errors import (
     TransportError,
 )
 from geventpool.server.thrift_server import Registration, ThriftServer
-from geventpool.testing.echo import echo_thrift
+from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import free_port
@@ -126,6 +127,60 @@ def test_bad_arguments_raise_send_nothing_and_keep_the_connection(
     assert server.stats.calls == 2  # not one bad call reached the server
     [instance] = client.status().instances
     assert instance.in_use == 0 and instance.closed == 0 and instance.opened == 1
+
+
+def test_bytes_that_are_not_utf8_for_a_string_are_refused_before_sending(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    """Sent, they made the server drop the connection (its decoder refuses them), and three
+    such calls ejected a healthy instance."""
+    server = serve()
+    client = make_client(instances=at(server), pool=settings(max_connections=1))
+    for _ in range(5):
+        with pytest.raises(InvalidArgumentsError, match="bytes that are not UTF-8"):
+            client.echo(b"\xff\xfe")
+    assert client.echo("ü".encode()) == "ü"  # UTF-8 bytes are a string
+    assert server.stats.calls == 1
+    [instance] = client.status().instances
+    assert (instance.opened, instance.closed, instance.ejected) == (1, 0, False)
+
+
+def test_greenlets_sharing_a_borrowed_connection_get_a_typed_error_and_nothing_mixes(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    with client.connection() as pinned:
+        first = gevent.spawn(pinned.slow_echo, "first", 0.2)
+        gevent.sleep(0.05)  # the first call is on the wire
+        with pytest.raises(ConnectionBusyError, match="another call is in progress"):
+            pinned.echo("second")
+        assert first.get(timeout=5) == "first"
+        assert pinned.echo("third") == "third"
+    [instance] = client.status().instances
+    assert (instance.opened, instance.closed) == (1, 0)
+
+
+def test_a_handler_result_the_idl_does_not_allow_is_an_internal_error_not_a_truncation(
+    make_client: Callable[..., ServiceClient], captured: list[MutableMapping[str, Any]]
+) -> None:
+    """``add`` returning 3.7 for an i64: thriftpy2 would send 3."""
+
+    class Sloppy(EchoHandler):
+        def add(self, a: int, b: int) -> Any:
+            return a + b + 0.7
+
+    server = ThriftServer(echo_thrift.Echo, Sloppy(""), deregister_grace=0.0)
+    server.start()
+    try:
+        client = make_client(instances=at(server))
+        with pytest.raises(TApplicationException) as caught:
+            client.add(1, 2)
+        assert caught.value.type == TApplicationException.INTERNAL_ERROR
+        assert client.echo("next") == "next"
+    finally:
+        server.stop(drain_timeout=1.0)
+    [event] = events_named(captured, "server_handler_failed")
+    assert "add() returned: expected i64 (an int), got float 3.7" in event["error"]
 
 
 def test_an_argument_error_message_never_embeds_a_large_value(

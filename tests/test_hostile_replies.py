@@ -233,3 +233,57 @@ def test_random_near_valid_replies_give_the_right_result_or_a_typed_error(
     allowed |= {"CallTimeoutError", "TransportError"}
     wrong = {k: v for k, v in outcomes.items() if k not in allowed}
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize(
+    ("protocol", "method", "body", "seen"),
+    [
+        pytest.param(  # 37 bytes that made the decoder read 1.6 GB of another's memory
+            "binary",
+            "table",
+            "0d0000 0b0b00000001 00000004 61626364 00000004 7778797a 00",
+            "a map of string where the IDL declares i32",
+            id="binary-map-of-strings-for-i32",
+        ),
+        pytest.param(
+            "compact",
+            "table",
+            "0b00 01 88 04 61626364 04 7778797a 00",
+            "a map of binary where the IDL declares i32",
+            id="compact-map-of-strings-for-i32",
+        ),
+        pytest.param(  # the compact decoder would read the ints' bytes as structs
+            "compact",
+            "items",
+            "0900 25 01 02 00",
+            "a list of i32 where the IDL declares struct",
+            id="compact-list-of-i32-for-structs",
+        ),
+    ],
+)
+def test_a_reply_the_decoder_would_read_by_other_types_is_refused_before_decoding(
+    client_of: Callable[..., ServiceClient], protocol: str, method: str, body: str, seen: str
+) -> None:
+    for transport in ("buffered", "framed"):
+        client = client_of(transport, protocol)
+        assert client.echo("next-body:" + body.replace(" ", "")) == "armed"
+        with pytest.raises(ProtocolViolationError) as caught:
+            getattr(client, method)({"a": 1} if method == "table" else 2)
+        assert seen in caught.value.seen
+        assert closed(client) == 1
+        assert client.echo("ok:mine") == "mine"
+
+
+@pytest.mark.parametrize(("transport", "protocol"), CODECS)
+def test_a_result_field_of_another_type_is_skipped_as_the_decoder_does(
+    client_of: Callable[..., ServiceClient], transport: str, protocol: str
+) -> None:
+    """``success`` sent as an i32 (the IDL says list<Item>): walked as the wire says, skipped
+    by the decoder, so the call has no result; the connection stays in service."""
+    client = client_of(transport, protocol)
+    body = "080000 00000005 00" if protocol == "binary" else "05 00 0a 00"
+    assert client.echo("next-body:" + body.replace(" ", "")) == "armed"
+    with pytest.raises(TApplicationException, match="returned no result"):
+        client.items(2)
+    assert closed(client) == 0
+    assert client.echo("ok:mine") == "mine"

@@ -19,7 +19,7 @@ from thriftpy2.thrift import TApplicationException
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
 from geventpool.server.thrift_server import ThriftServer
-from geventpool.testing.echo import echo_thrift
+from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.hostile_server import binary_header, mutate
 from geventpool.testing.processes import ServerProcess
 from geventpool.wire.messages import CALL, EXCEPTION, REPLY, MessageCodec
@@ -48,9 +48,11 @@ def framed(data: bytes) -> bytes:
     return struct.pack("!i", len(data)) + data
 
 
-def request(transport: str, body: bytes, seqid: int = 1, message_type: int = CALL) -> bytes:
-    """A binary-protocol echo() message with ``body`` as its struct."""
-    data = binary_header("echo", message_type, seqid) + body
+def request(
+    transport: str, body: bytes, seqid: int = 1, message_type: int = CALL, method: str = "echo"
+) -> bytes:
+    """A binary-protocol ``method`` message with ``body`` as its struct."""
+    data = binary_header(method, message_type, seqid) + body
     return framed(data) if transport == "framed" else data
 
 
@@ -255,3 +257,78 @@ def test_random_near_valid_requests_never_take_the_server_down(
     print(transport, outcomes)
     assert served(process, transport)
     assert outcomes.get("closed", 0) > 0 and outcomes.get("answered", 0) > 0
+
+
+@pytest.mark.parametrize("transport", ["buffered", "framed"])
+def test_arguments_the_decoder_would_read_by_other_types_close_the_connection(
+    echo_server: Callable[[str], ServerProcess], transport: str
+) -> None:
+    """``table(counts: map<string, i32>)`` sent with string values: 42 bytes that made the
+    decoder read a length out of the middle of a value (+2 GiB, a 4.7 s stall)."""
+    process = echo_server(transport)
+    before = peak_rss(process)
+    key = struct.pack("!i", 1) + b"k"
+    # walked as the wire says: two (string, string) entries; read as the IDL says, the first
+    # value is an i32 (the 4 of its length) and the second key's length is 0x7ffffff0
+    entries = key + struct.pack("!i", 4) + b"\x7f\xff\xff\xf0" + key + key
+    body = b"\x0d\x00\x01\x0b\x0b" + struct.pack("!i", 2) + entries + b"\x00"
+    with connect(process) as sock:
+        sock.sendall(request(transport, body, method="table"))
+        assert closed_by_server(sock)
+    assert peak_rss(process) - before < 16 << 20
+    assert served(process, transport)
+
+
+def test_a_request_trickling_in_past_request_timeout_closes_the_connection(
+    serve: Callable[..., ThriftServer], captured: list[MutableMapping[str, Any]]
+) -> None:
+    """A request whose bytes each arrive within the idle timeout, but not the whole of it
+    within ``request_timeout``: the connection is closed, not held for ever."""
+    server = serve(request_timeout=0.3, idle_timeout=5.0)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(binary_header("echo", CALL, 1) + ECHO_ARGS_STRING + struct.pack("!i", 1000))
+        with pytest.raises(OSError):  # the server closed the connection: the writes fail
+            while sent < 1000:  # bounded: 1000 bytes, 20 s at most
+                sock.sendall(b"x")
+                sent += 1
+                gevent.sleep(0.02)
+    assert sent < 1000
+    [event] = events_named(captured, "server_connection_error")
+    assert "request_timeout (0.3 s)" in event["error"]
+
+
+def test_a_connection_s_pipelined_requests_let_other_connections_in() -> None:
+    """2,000 requests written at once on one connection: another client's calls are answered
+    between them, not after the last (the server yields every few requests)."""
+    order: list[str] = []
+
+    class Recording(EchoHandler):
+        def echo(self, msg: str) -> str:
+            order.append(msg)
+            return msg
+
+    server = ThriftServer(echo_thrift.Echo, Recording(""), deregister_grace=0.0)
+    server.start()
+    client = ServiceClient(
+        echo_thrift.Echo, "echo", instances=[Instance(host="127.0.0.1", port=server.port)]
+    )
+    codec = MessageCodec("buffered", "binary")
+    try:
+        assert client.echo("other") == "other"  # connected, before the flood
+        other = gevent.spawn(lambda: [client.echo("other") for _ in range(200)])
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            flood = b"".join(
+                codec.encode("echo", CALL, seqid, echo_thrift.Echo.echo_args(msg="pipelined"))
+                for seqid in range(2000)
+            )
+            sock.sendall(flood)
+            gevent.sleep(0)
+            other.get(timeout=30)
+    finally:
+        client.stop()
+        server.stop(drain_timeout=1.0)
+    flooded = [i for i, msg in enumerate(order) if msg == "pipelined"]
+    assert len(flooded) == 2000
+    between = [msg for msg in order[flooded[0] : flooded[-1]] if msg == "other"]
+    assert between, "no other call was answered while the pipelined requests were"

@@ -21,7 +21,10 @@ else breaks the connection, never to be reused:
   raises :class:`~geventpool.errors.InvalidArgumentsError`, nothing is sent, and the
   connection stays in service.
 * A broken (or closed) connection refuses calls with
-  :class:`~geventpool.errors.ConnectionClosedError`, sending nothing.
+  :class:`~geventpool.errors.ConnectionClosedError`, sending nothing; a call while another is
+  in progress on it (greenlets sharing a borrowed connection) is refused with
+  :class:`~geventpool.errors.ConnectionBusyError`, sending nothing and leaving the other call
+  alone.
 * Anything else raised mid-call (a caller's own ``gevent.Timeout``, ``GreenletExit``) breaks
   it and propagates unchanged.
 """
@@ -44,6 +47,7 @@ from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConnectError,
+    ConnectionBusyError,
     ConnectionClosedError,
     InvalidArgumentsError,
     MalformedMessageError,
@@ -59,15 +63,15 @@ from geventpool.wire.messages import (
     ONEWAY,
     REPLY,
     MessageCodec,
-    receive,
+    receiver,
 )
-from geventpool.wire.scan import IncompleteMessageError
 
 # The health check polls without blocking, with the unpatched poll: select() cannot watch a
 # descriptor >= 1024 and would call every connection of a busy process dead.
 _poll = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI
 _SEQID_LIMIT = 2**31 - 1
+_APPLICATION_EXCEPTION: dict[int, Any] = TApplicationException.thrift_spec
 
 
 class Connection:
@@ -77,12 +81,16 @@ class Connection:
 
     __slots__ = (
         "_buffer",
+        "_calling",
         "_clock",
         "_codec",
+        "_expect_reply",
+        "_more",
         "_poller",
         "_seqid",
         "_service",
         "_sock",
+        "_waiting",
         "broken",
         "checked_out",
         "created_at",
@@ -108,7 +116,11 @@ class Connection:
         self._service = service
         self._codec = MessageCodec(instance.transport, instance.protocol, limits)
         self._buffer = bytearray()  # bytes received and not yet taken by a reply
+        self._more = receiver(sock, self._buffer)
+        self._expect_reply = self._expect
+        self._waiting: tuple[MethodSpec, int] | None = None
         self._seqid = 0
+        self._calling = False
         self._clock = clock
         self.created_at = self.last_used = clock()
         self.expires_at = expires_at
@@ -134,6 +146,9 @@ class Connection:
             request = self._codec.encode(method, ONEWAY if spec.oneway else CALL, seqid, body)
         except Exception as error:  # noqa: BLE001 - whatever the codec refused, nothing was sent
             raise InvalidArgumentsError(method, f"cannot be encoded: {error!r:.200}") from None
+        if self._calling:  # a borrowed connection shared by greenlets: the other call goes on
+            raise ConnectionBusyError(str(self.instance), method)
+        self._calling = True
         timer = gevent.Timeout(remaining)
         timer.start()
         try:
@@ -155,6 +170,7 @@ class Connection:
             raise
         finally:
             timer.close()
+            self._calling = False
         self.last_used = self._clock()
         ok, result = outcome
         if ok:
@@ -164,21 +180,13 @@ class Connection:
     def _receive(self, spec: MethodSpec, seqid: int) -> tuple[bool, Any]:
         """The reply to call ``seqid``: (True, result) or (False, the exception to raise)."""
         buffer, codec = self._buffer, self._codec
+        self._waiting = (spec, seqid)
         if not buffer:
-            self._read(1)
-        while True:
-            try:
-                name, message_type, reply_seqid, body, size = codec.split(buffer)
-                break
-            except IncompleteMessageError as short:
-                self._read(short.needed)
+            self._more(1)
+        _, message_type, _, body, size = codec.split(
+            buffer, self._expect_reply, self._more, gevent.sleep
+        )
         del buffer[:size]
-        if reply_seqid != seqid or name != spec.name or message_type not in (REPLY, EXCEPTION):
-            kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
-            raise MalformedMessageError(
-                f"expected the REPLY to {spec.name}() #{seqid}, got {kind} {name[:64]!r}"
-                f" #{reply_seqid}"
-            )
         if buffer:
             self.broken = True  # bytes nobody asked for follow a reply: not for the next call
         if message_type == EXCEPTION:
@@ -196,10 +204,21 @@ class Connection:
             TApplicationException.MISSING_RESULT, f"{spec.name}() returned no result"
         )
 
-    def _read(self, needed: int) -> None:
-        """Receive until the buffer holds ``needed`` bytes (at least one more)."""
-        if not receive(self._sock, self._buffer, needed):
-            raise EOFError("the server closed the connection")
+    def _expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any]:
+        """The spec of the reply the waiting call expects; anything else is refused before
+        its body is read."""
+        if self._waiting is None:
+            raise MalformedMessageError("a message arrived while no call was waiting")
+        spec, waiting = self._waiting
+        if seqid != waiting or name != spec.name or message_type not in (REPLY, EXCEPTION):
+            kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
+            raise MalformedMessageError(
+                f"expected the REPLY to {spec.name}() #{waiting}, got {kind} {name[:64]!r} #{seqid}"
+            )
+        if message_type == EXCEPTION:
+            return _APPLICATION_EXCEPTION
+        spec_: dict[int, Any] = spec.result_class.thrift_spec
+        return spec_
 
     def usable(self, now: float) -> bool:
         """Whether the connection may be handed out: not broken, not past its lifetime, and

@@ -13,7 +13,10 @@
   :class:`~geventpool.wire.limits.WireLimits`: frame, message, string, container and depth
   bounds) before anything is allocated or decoded; a request that is malformed, oversized or
   not a CALL closes that connection only (``server_connection_error`` says what was seen).
-  Memory follows the limits, never a peer's claims, and no request can stall the hub.
+  Memory follows the limits, never a peer's claims, and no request can stall the hub: a
+  request is walked once however it trickles in, the walk pauses every few thousand values,
+  a request must arrive whole within ``request_timeout``, and a connection's pipelined
+  requests let the others in every few requests.
 * **No hung callers.** A handler exception not declared in the IDL is logged
   (``server_handler_failed``) and answered with a ``TApplicationException(INTERNAL_ERROR)``;
   the connection stays usable. Declared exceptions reach the caller as declared.
@@ -48,6 +51,7 @@ from geventpool.discovery.registrar import Registrar
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_use
 from geventpool.errors import ConfigurationError, MalformedMessageError
 from geventpool.validation import check_seconds
+from geventpool.wire.arguments import method_spec
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 from geventpool.wire.messages import (
     CALL,
@@ -56,9 +60,12 @@ from geventpool.wire.messages import (
     ONEWAY,
     REPLY,
     MessageCodec,
-    receive,
+    receiver,
 )
-from geventpool.wire.scan import IncompleteMessageError
+from geventpool.wire.scan import IncompleteMessageError, incomplete
+
+_YIELD_EVERY = 16  # requests answered in a row without blocking, before letting others run
+
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
@@ -121,7 +128,18 @@ class _Dispatcher:
         self._service = service
         self._handler = handler
         self._methods = frozenset(service.thrift_services)
+        self._arguments = {name: getattr(service, f"{name}_args") for name in self._methods}
+        self._specs = {name: method_spec(service, name) for name in self._methods}
         self._on_failure = on_failure
+
+    def expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any] | None:
+        """The spec a request's struct is walked against: its method's arguments (None for an
+        unknown method, answered UNKNOWN_METHOD); anything but a CALL is refused."""
+        if message_type not in (CALL, ONEWAY):
+            kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
+            raise MalformedMessageError(f"expected a CALL, got {kind} {name[:64]!r} #{seqid}")
+        arguments = self._arguments.get(name)
+        return arguments.thrift_spec if arguments is not None else None
 
     def answer(
         self, codec: MessageCodec, name: str, seqid: int, body: bytes, connection: _Connection
@@ -132,12 +150,16 @@ class _Dispatcher:
                 TApplicationException.UNKNOWN_METHOD, f"unknown method {name[:64]!r}"
             )
             return codec.encode(name, EXCEPTION, seqid, failure)
-        args = codec.decode(body, getattr(self._service, f"{name}_args")())
+        args = codec.decode(body, self._arguments[name]())
         result = getattr(self._service, f"{name}_result")()
         values = [getattr(args, field[1]) for field in args.thrift_spec.values()]
         connection.busy = True
         try:
-            result.success = getattr(self._handler, name)(*values)
+            value = getattr(self._handler, name)(*values)
+            problem = self._specs[name].result_problem(value)
+            if problem is not None:  # the codec would truncate or refuse it: not sent
+                return self._internal_error(codec, name, seqid, TypeError(problem))
+            result.success = value
         except TApplicationException as error:
             return codec.encode(name, EXCEPTION, seqid, error)
         except Exception as error:  # noqa: BLE001 - answered, not raised
@@ -176,7 +198,8 @@ class ThriftServer:
     """Serves ``handler`` for the thriftpy2 ``service`` on ``host:port`` (port 0: any free one).
 
     Durations are float seconds. ``transport`` and ``protocol`` must match the clients';
-    ``limits`` bound every request (see :class:`~geventpool.wire.limits.WireLimits`).
+    ``limits`` bound every request (see :class:`~geventpool.wire.limits.WireLimits`), and
+    ``request_timeout`` the time from a request's first byte to its last.
     """
 
     def __init__(
@@ -194,11 +217,13 @@ class ThriftServer:
         protocol: str = "binary",
         registration: Registration | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
+        request_timeout: float = 60.0,
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
         check_seconds("idle_timeout", idle_timeout, optional=True)
         check_seconds("drain_timeout", drain_timeout, zero=True)
+        check_seconds("request_timeout", request_timeout)
         check_seconds("deregister_grace", deregister_grace, zero=True)
         if (
             registration is not None
@@ -213,6 +238,7 @@ class ThriftServer:
         self._host = host
         self._port = port
         self._idle_timeout = idle_timeout
+        self._request_timeout = request_timeout
         self._drain_timeout = drain_timeout
         self._deregister_grace = deregister_grace
         self._transport = transport
@@ -369,22 +395,32 @@ class ThriftServer:
         """Read requests one by one, each checked before it is decoded, and answer them."""
         codec = MessageCodec(self._transport, self._protocol, self._limits)
         buffer = bytearray()
+        more = receiver(sock, buffer)
         dispatcher = self._dispatcher
+        expect = dispatcher.expect
+        served = 0
         while not self._draining:
+            if not buffer:
+                more(1)  # waits for a request up to the idle timeout (the socket's)
             try:
-                name, message_type, seqid, body, size = codec.split(buffer)
-            except IncompleteMessageError as short:
-                if not receive(sock, buffer, short.needed):
-                    return  # the peer closed (or the drain shut reading)
-                continue
+                message = codec.split(buffer, expect, incomplete, gevent.sleep)
+            except IncompleteMessageError:
+                # The rest is still on its way: it has request_timeout to arrive, however
+                # slowly it trickles (each read alone is bounded by the idle timeout only).
+                late = MalformedMessageError(
+                    f"a request took over request_timeout ({self._request_timeout:g} s) to arrive"
+                )
+                with gevent.Timeout(self._request_timeout, late):
+                    message = codec.split(buffer, expect, more, gevent.sleep)
+            name, message_type, seqid, body, size = message
             del buffer[:size]
-            if message_type not in (CALL, ONEWAY):
-                kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
-                raise MalformedMessageError(f"expected a CALL, got {kind} {name[:64]!r} #{seqid}")
             reply = dispatcher.answer(codec, name, seqid, body, connection)
             if reply is not None and message_type == CALL:
                 sock.sendall(reply)
             self.stats.calls += 1
+            served += 1
+            if buffer and served % _YIELD_EVERY == 0:
+                gevent.sleep(0)  # pipelined requests: let the other connections in
 
     def _handler_failed(self, api: str, error: Exception) -> None:
         self.stats.handler_errors += 1

@@ -50,3 +50,9 @@ class EchoHandler:
 
     def crash(self, message: str) -> None:
         raise RuntimeError(message)
+
+    def table(self, counts: dict[str, int]) -> dict[int, bytes]:
+        return {count: key.encode() for key, count in counts.items()}
+
+    def items(self, count: int) -> list[Any]:
+        return [echo_thrift.Item(id=i, name=f"item {i}") for i in range(min(count, 1_000_000))]

@@ -4,6 +4,12 @@ exception Refused {
   1: string reason
 }
 
+// One record of `items`.
+struct Item {
+  1: i32 id,
+  2: string name,
+}
+
 service Echo {
   // Returns msg unchanged.
   string echo(1: string msg),
@@ -18,4 +24,8 @@ service Echo {
   void refuse(1: string reason) throws (1: Refused err),
   // Raises an exception the IDL does not declare.
   void crash(1: string message),
+  // Each count's key as bytes, keyed by the count: typed maps both ways.
+  map<i32, binary> table(1: map<string, i32> counts),
+  // `count` records (at most a million): a list of structs.
+  list<Item> items(1: i32 count),
 }

@@ -13,7 +13,9 @@ reply, the same again 150 ms later), ``stale`` (a reply with the previous call's
 type code 99 claiming 2^31-1 elements: 47 bytes in all), ``negative-length``, ``deep:N`` (N
 nested lists), ``bad-utf8``, ``claim-frame:N`` (framed: a frame header claiming N bytes),
 ``garbage:SEED`` (random bytes), ``mutate:SEED`` (the correct reply with a few random bytes
-changed, cut or added), ``close`` (no reply), ``silence`` (no reply, the connection open).
+changed, cut or added), ``close`` (no reply), ``silence`` (no reply, the connection open),
+``next-body:HEX`` (answers ``armed``; the connection's next call of another method gets a
+correct header and HEX as its struct, in any protocol).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Hostile:
         self.sock = sock
         self.codec = codec
         self.previous_seqid = 0
+        self.next_body: bytes | None = None  # set by next-body: the next other call's reply
 
     def frame(self, data: bytes) -> bytes:
         return struct.pack("!i", len(data)) + data if self.codec.transport == "framed" else data
@@ -70,7 +73,17 @@ class Hostile:
             name, message_type, seqid, echo_thrift.Echo.echo_result(success=text)
         )
 
+    def header(self, name: str, seqid: int) -> bytes:
+        """A REPLY header in the connection's protocol (no frame): an empty struct's
+        encoding without its STOP byte."""
+        encoded = self.codec.encode(name, REPLY, seqid, echo_thrift.Echo.ping_result())
+        return encoded[4:-1] if self.codec.transport == "framed" else encoded[:-1]
+
     def answer(self, name: str, seqid: int, body: bytes) -> None:
+        if name != "echo" and self.next_body is not None:
+            raw, self.next_body = self.next_body, None
+            self.sock.sendall(self.frame(self.header(name, seqid) + raw))
+            return
         if name != "echo":
             result = getattr(echo_thrift.Echo, f"{name}_result")()
             if name == "whoami":
@@ -144,6 +157,9 @@ class Hostile:
             send(random.Random(argument).randbytes(64))
         elif mode == "mutate":
             send(mutate(self.reply(name, seqid, "mutated"), random.Random(argument)))
+        elif mode == "next-body":
+            self.next_body = bytes.fromhex(argument)
+            send(self.reply(name, seqid, "armed"))
         elif mode == "close":
             self.sock.close()
         elif mode == "silence":

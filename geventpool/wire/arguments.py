@@ -9,23 +9,34 @@ encoded or sent.
 * **Values checked against the IDL types**, into containers and structs: integers must be
   ``int`` (never a ``float``, which the codec would silently truncate) within their width;
   ``double`` takes ``int`` or ``float``; ``bool`` takes ``bool`` (or the ints 0 and 1);
-  ``string`` and ``binary`` take ``str`` or bytes; lists and sets take lists, tuples, sets;
-  maps take dicts; structs take instances of their class. ``None`` means "not sent", as in
+  ``string`` takes ``str``, or ``bytes`` that are UTF-8 (other bytes would make the peer's
+  decoder fail: declare the field ``binary``); ``binary`` takes ``bytes`` or ``str`` (not
+  ``bytearray`` or ``memoryview``: pass ``bytes(value)``); lists and sets take lists, tuples,
+  sets; maps take dicts; structs take instances of their class, nested at most 64 deep (a
+  cyclic value is refused, not a ``RecursionError``). ``None`` means "not sent", as in
   thriftpy2. The error names the argument and the position in it, and shows at most a short
-  description of the value, never the value itself.
+  description of the value, never the value itself; the check of a good value builds no
+  text.
 """
 
 from __future__ import annotations
 
 import functools
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from geventpool.errors import InvalidArgumentsError
 
-Check = Callable[[Any, str], "str | None"]
-"""A value and where it is (``"argument 'a'"``) to None, or to what is wrong with it."""
+Problem = tuple[str, str]
+"""What is wrong with a value: where in it (``"[3].name"``, or ``""``) and what."""
+
+Check = Callable[[Any, int], "Problem | None"]
+"""A value and its nesting depth to None, or to its :data:`Problem`. The good path builds no
+text: where a problem is is found only once there is one."""
+
+MAX_DEPTH = 64  # structs and containers nested in an argument (what the decoders accept)
 
 _INT_BITS = {3: 8, 6: 16, 8: 32, 10: 64}  # byte, i16, i32, i64
 _TYPE_NAMES = {
@@ -59,6 +70,7 @@ class MethodSpec:
     returns_value: bool
     exceptions: tuple[str, ...]
     checks: tuple[tuple[str, Check], ...]
+    check_result: Check | None
 
     def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The argument struct for a call, bound and checked (see the module)."""
@@ -70,10 +82,22 @@ class MethodSpec:
         for name, check in self.checks:
             value = bound.get(name)
             if value is not None:
-                problem = check(value, f"argument {name!r}")
+                problem = check(value, 1)
                 if problem is not None:
-                    raise InvalidArgumentsError(self.name, problem)
+                    raise InvalidArgumentsError(
+                        self.name, f"argument {name!r}{problem[0]}: {problem[1]}"
+                    )
         return self.args_class(**bound)
+
+    def result_problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` as this method's result (None: nothing), as
+        :meth:`arguments` checks arguments: for a server, before it encodes a reply."""
+        if value is None or self.check_result is None:
+            return None
+        problem = self.check_result(value, 1)
+        if problem is None:
+            return None
+        return f"{self.name}() returned{problem[0]}: {problem[1]}"
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         names, method = self.names, self.name
@@ -119,6 +143,9 @@ def method_spec(service: Any, method: str) -> MethodSpec:
         returns_value=0 in result_spec,
         exceptions=tuple(result_spec[key][1] for key in sorted(result_spec) if key != 0),
         checks=tuple((field[1], checker(field[0], _inner(field))) for field in fields),
+        check_result=(
+            checker(result_spec[0][0], _inner(result_spec[0])) if 0 in result_spec else None
+        ),
     )
 
 
@@ -129,7 +156,7 @@ def _inner(field: tuple[Any, ...]) -> Any:
 
 def describe(value: object) -> str:
     """A short description of ``value`` for an error message: its type and a clipped repr."""
-    text = repr(value)
+    text = reprlib.repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
@@ -140,47 +167,52 @@ def checker(ttype: int, spec: Any) -> Check:
     if bits is not None:
         low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
-        def check_int(value: Any, where: str) -> str | None:
+        def check_int(value: Any, depth: int) -> Problem | None:
             if type(value) is int and low <= value <= high:
                 return None
             if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
                 return None  # an IntEnum member
             if isinstance(value, int) and not isinstance(value, bool):
-                return f"{where}: {value} is out of range for {expected} ({low} .. {high})"
-            return f"{where}: expected {expected} (an int), got {describe(value)}"
+                return "", f"{value} is out of range for {expected} ({low} .. {high})"
+            return "", f"expected {expected} (an int), got {describe(value)}"
 
         return check_int
     if ttype == 2:
-        return lambda value, where: (
+        return lambda value, depth: (
             None
             if isinstance(value, bool) or (type(value) is int and value in (0, 1))
-            else f"{where}: expected bool, got {describe(value)}"
+            else ("", f"expected bool, got {describe(value)}")
         )
     if ttype == 4:
-        return lambda value, where: (
+        return lambda value, depth: (
             None
             if isinstance(value, (int, float)) and not isinstance(value, bool)
-            else f"{where}: expected double, got {describe(value)}"
+            else ("", f"expected double, got {describe(value)}")
         )
-    if ttype in (11, 18):
-        return lambda value, where: (
+    if ttype == 11:
+        return _check_string
+    if ttype == 18:
+        return lambda value, depth: (
             None
-            if isinstance(value, (str, bytes))
-            else f"{where}: expected {expected}, got {describe(value)}"
+            if isinstance(value, (bytes, str))
+            else ("", f"expected binary (bytes or str), got {describe(value)}")
         )
     if ttype in (14, 15):
         element_type, element_spec = (spec, None) if isinstance(spec, int) else spec
         check_element = checker(element_type, element_spec)
 
-        def check_sequence(value: Any, where: str) -> str | None:
+        def check_sequence(value: Any, depth: int) -> Problem | None:
             if not isinstance(value, (list, tuple, set, frozenset)):
-                return f"{where}: expected {expected}, got {describe(value)}"
-            for index, element in enumerate(value):
+                return "", f"expected {expected}, got {describe(value)}"
+            if depth >= MAX_DEPTH:
+                return "", f"nested deeper than {MAX_DEPTH}"
+            depth += 1
+            for element in value:
                 if element is None:
-                    return f"{where}[{index}]: None in a {expected}"
-                problem = check_element(element, f"{where}[{index}]")
+                    return f"[{_index(value, element)}]", f"None in a {expected}"
+                problem = check_element(element, depth)
                 if problem is not None:
-                    return problem
+                    return f"[{_index(value, element)}]{problem[0]}", problem[1]
             return None
 
         return check_sequence
@@ -190,35 +222,66 @@ def checker(ttype: int, spec: Any) -> Check:
         )
         check_key, check_value = checker(key_type, key_spec), checker(value_type, value_spec)
 
-        def check_map(value: Any, where: str) -> str | None:
+        def check_map(value: Any, depth: int) -> Problem | None:
             if not isinstance(value, Mapping):
-                return f"{where}: expected map, got {describe(value)}"
+                return "", f"expected map, got {describe(value)}"
+            if depth >= MAX_DEPTH:
+                return "", f"nested deeper than {MAX_DEPTH}"
+            depth += 1
             for key, item in value.items():
                 if key is None or item is None:
-                    return f"{where}: None in a map"
-                problem = check_key(key, f"{where} key") or check_value(
-                    item, f"{where}[{key!r:.20}]"
-                )
+                    return "", "None in a map"
+                problem = check_key(key, depth)
                 if problem is not None:
-                    return problem
+                    return f" key {describe(key)}{problem[0]}", problem[1]
+                problem = check_value(item, depth)
+                if problem is not None:
+                    return f"[{reprlib.repr(key)[:20]}]{problem[0]}", problem[1]
             return None
 
         return check_map
     if ttype == 12:
         return functools.partial(_check_struct, spec)
-    return lambda value, where: f"{where}: type {ttype} cannot be sent"
+    return lambda value, depth: ("", f"type {ttype} cannot be sent")
 
 
-def _check_struct(cls: Any, value: Any, where: str) -> str | None:
+def _check_string(value: Any, depth: int) -> Problem | None:
+    if type(value) is str:
+        return None
+    if isinstance(value, bytes):  # sent as is: it must be UTF-8, or the peer cannot read it
+        if value.isascii():
+            return None
+        try:
+            value.decode()
+        except UnicodeDecodeError as error:
+            return "", (
+                f"bytes that are not UTF-8 ({error.reason} at byte {error.start}) for a"
+                " string: declare it binary to send bytes"
+            )
+        return None
+    if isinstance(value, str):
+        return None
+    return "", f"expected string, got {describe(value)}"
+
+
+def _index(sequence: Any, element: Any) -> int:
+    """The position of ``element`` in ``sequence``: counted only once a check failed, so that
+    the good path counts nothing (the first occurrence of the same object is as bad)."""
+    return next(index for index, item in enumerate(sequence) if item is element)
+
+
+def _check_struct(cls: Any, value: Any, depth: int) -> Problem | None:
     if not isinstance(value, cls):
-        return f"{where}: expected {cls.__name__}, got {describe(value)}"
-    for field in _struct_checks(cls):
-        name, check = field
+        return "", f"expected {cls.__name__}, got {describe(value)}"
+    if depth >= MAX_DEPTH:
+        return "", f"nested deeper than {MAX_DEPTH}"
+    depth += 1
+    for name, check in _struct_checks(cls):
         item = getattr(value, name, None)
         if item is not None:
-            problem = check(item, f"{where}.{name}")
+            problem = check(item, depth)
             if problem is not None:
-                return problem
+                return f".{name}{problem[0]}", problem[1]
     return None
 
 

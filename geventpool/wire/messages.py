@@ -6,11 +6,14 @@ or compact):
 * **Encoding is complete before anything is written.** :meth:`MessageCodec.encode` returns the
   whole message (frame included) as bytes, so an argument that fails to encode sends nothing.
 * **Nothing is decoded before it is checked.** :meth:`MessageCodec.split` reads one message off
-  the front of a receive buffer: the frame length, the header (version, type, name, sequence
-  id) and the struct's walk (:mod:`geventpool.wire.scan`) are checked against the
-  :class:`~geventpool.wire.limits.WireLimits` and against the bytes present. It raises
-  :class:`~geventpool.wire.scan.IncompleteMessageError` with the bytes needed (never more than
-  the limits) or :class:`~geventpool.errors.MalformedMessageError` saying what was seen.
+  the front of a receive buffer: the frame length and the header (version, type, name,
+  sequence id) are checked, the caller says (``expect``) whether it wants a message with that
+  header and which IDL struct it will decode it as, and the struct is walked against that
+  spec (:mod:`geventpool.wire.scan`), all against the
+  :class:`~geventpool.wire.limits.WireLimits` and the bytes present. Bytes still missing are
+  asked of ``more`` (a socket's :func:`receiver`), never beyond the limits; so a message that
+  arrives in pieces is walked once. It raises
+  :class:`~geventpool.errors.MalformedMessageError` saying what was seen.
 * **Decoding a checked struct cannot fail untyped.** :meth:`MessageCodec.decode` runs the
   (Cython) codec over exactly the checked bytes; whatever it still objects to (a ``string``
   field that is not UTF-8: declare the field ``binary`` to receive bytes) is a
@@ -31,7 +34,13 @@ from thriftpy2.transport import TCyMemoryBuffer, TMemoryBuffer
 from geventpool.errors import ConfigurationError, MalformedMessageError, MessageLimitError
 from geventpool.wire.codecs import PROTOCOLS, TRANSPORTS
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
-from geventpool.wire.scan import IncompleteMessageError, read_varint, scan_binary, scan_compact
+from geventpool.wire.scan import (
+    IncompleteMessageError,
+    More,
+    StructWalker,
+    incomplete,
+    read_varint,
+)
 
 CALL, REPLY, EXCEPTION, ONEWAY = 1, 2, 3, 4
 MESSAGE_TYPES = {CALL: "CALL", REPLY: "REPLY", EXCEPTION: "EXCEPTION", ONEWAY: "ONEWAY"}
@@ -45,6 +54,10 @@ _i32 = struct.Struct("!i").unpack_from
 _two_i32 = struct.Struct("!ii").unpack_from
 _frame = struct.Struct("!i").pack
 
+
+Expect = Callable[[str, int, int], "dict[int, Any] | None"]
+"""``expect(name, type, seqid)``: the ``thrift_spec`` a message's struct will be decoded with,
+or an exception raised to refuse the message (see :meth:`MessageCodec.split`)."""
 
 Message = tuple[str, int, int, bytes, int]
 """One message read off a buffer: ``(name, type, seqid, body, size)``: its header, its struct's
@@ -66,13 +79,15 @@ class MessageCodec:
         self._framed = transport == "framed"
         self._compact = protocol == "compact"
         self._header: Callable[[bytes | bytearray, int, int], tuple[str, int, int, int]]
-        self._scan: Callable[[bytes | bytearray, int, int, WireLimits], int]
+        self._walker = StructWalker(self._compact, limits)
+        self._receive: More = incomplete
+        self._frame = 0
         if self._compact:
-            self._header, self._scan = self._compact_header, scan_compact
+            self._header = self._compact_header
             self._out: Any = TMemoryBuffer()
             self._writer: Any = TCompactProtocol(self._out)
         else:
-            self._header, self._scan = self._binary_header, scan_binary
+            self._header = self._binary_header
             self._out = TCyMemoryBuffer()
             self._writer = TCyBinaryProtocol(self._out)
             self._in = TCyMemoryBuffer()
@@ -107,46 +122,75 @@ class MessageCodec:
 
     # -- in ------------------------------------------------------------------------------------
 
-    def split(self, buf: bytes | bytearray) -> Message:
-        """The message at the front of ``buf`` (see the module for what is checked)."""
-        limits = self.limits
+    def split(
+        self,
+        buf: bytes | bytearray,
+        expect: Expect | None = None,
+        more: More = incomplete,
+        pause: Callable[[], object] | None = None,
+    ) -> Message:
+        """The message at the front of ``buf`` (see the module for what is checked).
+
+        ``expect(name, type, seqid)`` is called once the header is read: it returns the
+        ``thrift_spec`` the struct will be decoded with (None: walked as the wire says), or
+        raises to refuse the message before its body is walked. ``more(pos)`` is asked for
+        bytes the buffer does not hold yet (by default the message is incomplete:
+        :class:`~geventpool.wire.scan.IncompleteMessageError`); it is never asked for more
+        than the limits allow. ``pause()`` is called every few thousand values walked."""
         if self._framed:
-            available = len(buf)
-            if available < 4:
-                raise IncompleteMessageError(4)
-            (frame,) = _i32(buf, 0)
-            if frame < 0:
-                raise MalformedMessageError(f"negative frame length {frame}")
-            if frame > limits.max_frame_size:
-                raise MessageLimitError("max_frame_size", frame, limits.max_frame_size)
-            end = 4 + frame
-            if available < end:
-                raise IncompleteMessageError(end)
+            return self._split_frame(buf, expect, more, pause)
+        self._receive = more
+        n = len(buf)
+        while True:
             try:
-                name, message_type, seqid, start = self._header(buf, 4, end)
-                stop = self._scan(buf, start, end, limits)
-            except IncompleteMessageError:
-                raise MalformedMessageError(
-                    f"the message runs past the end of its {frame}-byte frame"
-                ) from None
-            if stop != end:
-                raise MalformedMessageError(
-                    f"{end - stop} bytes follow the message inside its {frame}-byte frame"
-                )
-            return name, message_type, seqid, bytes(buf[start:stop]), end
-        end = len(buf)
-        try:
-            name, message_type, seqid, start = self._header(buf, 0, end)
-            stop = self._scan(buf, start, end, limits)
-        except IncompleteMessageError as error:
-            if error.needed > limits.max_message_size:
-                raise MessageLimitError(
-                    "max_message_size", error.needed, limits.max_message_size, "(at least)"
-                ) from None
-            raise
-        if stop > limits.max_message_size:
-            raise MessageLimitError("max_message_size", stop, limits.max_message_size)
+                name, message_type, seqid, start = self._header(buf, 0, n)
+                break
+            except IncompleteMessageError as short:
+                n = self._more(short.needed)
+        spec = expect(name, message_type, seqid) if expect is not None else None
+        stop = self._walker.walk(buf, start, n, spec, self._more, pause)
         return name, message_type, seqid, bytes(buf[start:stop]), stop
+
+    def _more(self, pos: int) -> int:
+        limit = self.limits.max_message_size
+        if pos > limit:
+            raise MessageLimitError("max_message_size", pos, limit, "(at least)")
+        return self._receive(pos)
+
+    def _split_frame(
+        self,
+        buf: bytes | bytearray,
+        expect: Expect | None,
+        more: More,
+        pause: Callable[[], object] | None,
+    ) -> Message:
+        n = len(buf)
+        if n < 4:
+            n = more(4)
+        (frame,) = _i32(buf, 0)
+        if frame < 0:
+            raise MalformedMessageError(f"negative frame length {frame}")
+        limit = self.limits.max_frame_size
+        if frame > limit:
+            raise MessageLimitError("max_frame_size", frame, limit)
+        end = 4 + frame
+        if n < end:
+            more(end)  # the whole frame: its size is within the limit
+        try:
+            name, message_type, seqid, start = self._header(buf, 4, end)
+        except IncompleteMessageError:
+            raise _past_frame(frame) from None
+        spec = expect(name, message_type, seqid) if expect is not None else None
+        self._frame = frame
+        stop = self._walker.walk(buf, start, end, spec, self._past_end, pause)
+        if stop != end:
+            raise MalformedMessageError(
+                f"{end - stop} bytes follow the message inside its {frame}-byte frame"
+            )
+        return name, message_type, seqid, bytes(buf[start:stop]), end
+
+    def _past_end(self, pos: int) -> int:
+        raise _past_frame(self._frame)
 
     def _binary_header(
         self, buf: bytes | bytearray, pos: int, end: int
@@ -216,20 +260,27 @@ class MessageCodec:
         return obj
 
 
+def _past_frame(frame: int) -> MalformedMessageError:
+    return MalformedMessageError(f"the message runs past the end of its {frame}-byte frame")
+
+
 def _bad_name_length(length: int, limits: WireLimits) -> MalformedMessageError:
     if length < 0:
         return MalformedMessageError(f"negative method name length {length}")
     return MessageLimitError("max_string_size", length, limits.max_string_size, "(method name)")
 
 
-def receive(sock: Any, buffer: bytearray, needed: int) -> bool:
-    """Receive into ``buffer`` until it holds ``needed`` bytes (at least one more byte);
-    False if the peer closed first. ``needed`` comes from :meth:`MessageCodec.split`, which
-    has already held it to the limits."""
-    wanted = max(needed, len(buffer) + 1)
-    while len(buffer) < wanted:
-        data = sock.recv(min(max(wanted - len(buffer), RECEIVE), RECEIVE_MAX))
-        if not data:
-            return False
-        buffer += data
-    return True
+def receiver(sock: Any, buffer: bytearray) -> More:
+    """A ``more`` for :meth:`MessageCodec.split` that receives from ``sock`` into ``buffer``
+    (and returns at once if the buffer already holds the bytes asked for); it raises
+    ``EOFError`` if the peer closes first."""
+
+    def more(needed: int) -> int:
+        while len(buffer) < needed:
+            data = sock.recv(min(max(needed - len(buffer), RECEIVE), RECEIVE_MAX))
+            if not data:
+                raise EOFError("the peer closed the connection")
+            buffer.extend(data)
+        return len(buffer)
+
+    return more

@@ -1,24 +1,44 @@
-"""Walk an encoded Thrift struct without decoding it: where it ends, and whether it is sound.
+"""Walk an encoded Thrift struct the way the decoder will read it, before it is decoded.
 
-The Cython codec trusts what it reads: it allocates a claimed string length before reading it,
-reads past the end of a short buffer, and loops on a claimed element count for a type it does
-not know. So every struct is walked here first, over the bytes received so far: every type code
-must be known, every length and count within its limit *and* within the bytes present, every
-nesting within the depth. Only a struct that passed is handed to the codec, which can then
-neither over-allocate nor run past its end nor stall.
+The codecs trust what they read. thriftpy2's Cython binary codec allocates a claimed string
+length before reading it, reads past the end of a short buffer (exposing whatever memory
+follows), and loops on a claimed element count for a type it does not know; its compact codec
+reads a list's elements as the IDL's type whatever the wire says, and reads varints of any
+length. And both decode **by the IDL**: a map whose wire says "string keys" is read with the
+IDL's key type. So a walk of the wire types alone is not enough: a 42-byte request can then
+make the decoder read a length out of the middle of a key.
 
-``scan_binary`` and ``scan_compact`` return the offset just past the struct that starts at
-``pos``, or raise :class:`IncompleteMessageError` (more bytes are needed: at least
-``needed`` in all) or :class:`~geventpool.errors.MalformedMessageError`. Fixed-size elements
-of a container are stepped over in one move, so a list of a million ints costs one check.
+:class:`StructWalker` therefore walks a struct with its IDL spec (``thrift_spec``), exactly as
+the decoder will: a field the IDL declares, with the declared type on the wire, is walked as
+the IDL says; any other field is walked as the wire says (the decoder skips it). Where the
+decoder would read a value as a type the wire does not claim (a compact list whose element
+type is not the declared one, a map whose wire says string where the IDL does not), the
+message is malformed. Along the way every type code must be known, every length and count
+within its limit and within the bytes present, every nesting within the depth, and the values
+of the whole message (each struct, string, container and element) within ``max_values``,
+which bounds the decoder's time and memory. A struct that passed can be decoded: the decoder
+can neither over-allocate, nor run past the walked bytes, nor stall.
+
+The walk asks for bytes as it goes (``more``), so a message that arrives in pieces is walked
+once, not once per piece, and it calls ``pause`` every few thousand values, so that a huge
+message does not hold the hub while it is walked.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 from geventpool.errors import GeventPoolError, MalformedMessageError, MessageLimitError
 from geventpool.wire.limits import WireLimits
+
+More = Callable[[int], int]
+"""``more(pos)``: make the buffer hold at least ``pos`` bytes and return how many it holds, or
+raise (:class:`IncompleteMessageError`, :class:`~geventpool.errors.MalformedMessageError`, or
+the receiver's own error)."""
+
+PAUSE_EVERY = 4096  # values walked between two calls of ``pause``
 
 
 class IncompleteMessageError(GeventPoolError):
@@ -30,131 +50,50 @@ class IncompleteMessageError(GeventPoolError):
         super().__init__(f"{needed} bytes needed")
 
 
-# -- the binary protocol -----------------------------------------------------------------------
+def incomplete(pos: int) -> int:
+    """A ``more`` for a buffer that will not grow: the message is incomplete."""
+    raise IncompleteMessageError(pos)
 
-_BINARY_FIXED = {2: 1, 3: 1, 4: 8, 6: 2, 8: 4, 10: 8}  # bool, byte, double, i16, i32, i64
-_BINARY_STRINGS = (11, 18)  # string, and binary as thriftpy2 may write it
-_BINARY_NESTED = (12, 13, 14, 15)  # struct, map, set, list
+
+# thriftpy2's type codes (TType)
+BOOL, BYTE, DOUBLE, I16, I32, I64 = 2, 3, 4, 6, 8, 10
+STRING, STRUCT, MAP, SET, LIST, BINARY = 11, 12, 13, 14, 15, 18
+_NAMES = {
+    BOOL: "bool", BYTE: "byte", DOUBLE: "double", I16: "i16", I32: "i32", I64: "i64",
+    STRING: "string", STRUCT: "struct", MAP: "map", SET: "set", LIST: "list", BINARY: "binary",
+}  # fmt: skip
+_STRINGS = (STRING, BINARY)  # one encoding, and the decoders take either for the other
+_FIXED = {BOOL: 1, BYTE: 1, DOUBLE: 8, I16: 2, I32: 4, I64: 8}  # binary-protocol sizes
+# compact type codes -> TType (1 and 2: a bool field's value, true or false)
+_COMPACT = {1: BOOL, 2: BOOL, 3: BYTE, 4: I16, 5: I32, 6: I64, 7: DOUBLE, 8: BINARY,
+            9: LIST, 10: SET, 11: MAP, 12: STRUCT}  # fmt: skip
+_VARINT_BYTES = {I16: 3, I32: 5, I64: 10}
+_COUNTS_ITSELF = (STRING, BINARY, STRUCT, MAP, SET, LIST)  # other elements: their container
+
+_i16 = struct.Struct("!h").unpack_from
 _i32 = struct.Struct("!i").unpack_from
 _type_count = struct.Struct("!bi").unpack_from
 _map_header = struct.Struct("!bbi").unpack_from
 
 
-def scan_binary(buf: bytes | bytearray, pos: int, end: int, limits: WireLimits) -> int:
-    """The end of the binary-protocol struct that starts at ``buf[pos]``, within ``buf[:end]``
-    (see the module)."""
-    return _binary(buf, pos, 12, limits.max_depth, end, limits)
+def _split_spec(spec: Any) -> tuple[int, Any]:
+    """A container element's thriftpy2 spec: ``ttype`` or ``(ttype, spec)``."""
+    if isinstance(spec, int):
+        return spec, None
+    return spec[0], spec[1]
 
 
-def _binary(  # noqa: PLR0917 - a hot recursive walk: arguments beat attributes
-    buf: bytes | bytearray, pos: int, ttype: int, depth: int, n: int, limits: WireLimits
-) -> int:
-    size = _BINARY_FIXED.get(ttype)
-    if size is not None:
-        pos += size
-        if pos > n:
-            raise IncompleteMessageError(pos)
-        return pos
-    if ttype in _BINARY_STRINGS:
-        if pos + 4 > n:
-            raise IncompleteMessageError(pos + 4)
-        (length,) = _i32(buf, pos)
-        if length < 0:
-            raise MalformedMessageError(f"negative string length {length} at byte {pos}")
-        if length > limits.max_string_size:
-            raise MessageLimitError(
-                "max_string_size", length, limits.max_string_size, f"at byte {pos}"
-            )
-        pos += 4 + length
-        if pos > n:
-            raise IncompleteMessageError(pos)
-        return pos
-    if ttype not in _BINARY_NESTED:
-        raise MalformedMessageError(f"unknown type code {ttype} at byte {pos}")
-    if depth <= 0:
-        raise MessageLimitError(
-            "max_depth", limits.max_depth + 1, limits.max_depth, f"at byte {pos}"
-        )
-    depth -= 1
-    if ttype == 12:  # a struct: fields until STOP
-        while True:
-            if pos >= n:
-                raise IncompleteMessageError(pos + 1)
-            field_type = buf[pos]
-            if field_type == 0:
-                return pos + 1
-            if pos + 3 > n:
-                raise IncompleteMessageError(pos + 3)
-            pos = _binary(buf, pos + 3, field_type, depth, n, limits)
-    if ttype == 13:  # a map
-        if pos + 6 > n:
-            raise IncompleteMessageError(pos + 6)
-        key_type, value_type, count = _map_header(buf, pos)
-        _check_binary_type(key_type, pos)
-        _check_binary_type(value_type, pos)
-        _check_count(count, pos, limits)
-        pos += 6
-        key_size, value_size = _BINARY_FIXED.get(key_type), _BINARY_FIXED.get(value_type)
-        if key_size is not None and value_size is not None:
-            return _step(pos, count * (key_size + value_size), n)
-        for _ in range(count):
-            pos = _binary(buf, pos, key_type, depth, n, limits)
-            pos = _binary(buf, pos, value_type, depth, n, limits)
-        return pos
-    # a list or a set
-    if pos + 5 > n:
-        raise IncompleteMessageError(pos + 5)
-    element_type, count = _type_count(buf, pos)
-    size = _BINARY_FIXED.get(element_type)
-    if size is None:
-        _check_binary_type(element_type, pos)
-    _check_count(count, pos, limits)
-    pos += 5
-    if size is not None:
-        return _step(pos, count * size, n)
-    for _ in range(count):
-        pos = _binary(buf, pos, element_type, depth, n, limits)
-    return pos
+def _same(wire: int, declared: int) -> bool:
+    return wire == declared or (wire in _STRINGS and declared in _STRINGS)
 
 
-def _check_binary_type(ttype: int, pos: int) -> None:
-    if ttype not in _BINARY_FIXED and ttype not in _BINARY_STRINGS and ttype not in _BINARY_NESTED:
-        raise MalformedMessageError(f"unknown type code {ttype} at byte {pos}")
-
-
-def _check_count(count: int, pos: int, limits: WireLimits) -> None:
-    if count < 0:
-        raise MalformedMessageError(f"negative element count {count} at byte {pos}")
-    if count > limits.max_container_size:
-        raise MessageLimitError(
-            "max_container_size", count, limits.max_container_size, f"at byte {pos}"
-        )
-
-
-def _step(pos: int, size: int, n: int) -> int:
-    pos += size
-    if pos > n:
-        raise IncompleteMessageError(pos)
-    return pos
-
-
-# -- the compact protocol ----------------------------------------------------------------------
-
-# Compact type codes: 1/2 true/false (a field's bool), 3 byte, 4 i16, 5 i32, 6 i64, 7 double,
-# 8 binary, 9 list, 10 set, 11 map, 12 struct.
-_COMPACT_FIXED = {3: 1, 7: 8}
-_COMPACT_VARINTS = (4, 5, 6)
-_COMPACT_MAX_VARINT = {4: 3, 5: 5, 6: 10}  # bytes of a varint of an i16, i32, i64
-
-
-def scan_compact(buf: bytes | bytearray, pos: int, end: int, limits: WireLimits) -> int:
-    """The end of the compact-protocol struct that starts at ``buf[pos]``, within
-    ``buf[:end]`` (see the module)."""
-    return _compact(buf, pos, 12, limits.max_depth, end, limits)
+def _type_name(ttype: int) -> str:
+    return _NAMES.get(ttype, f"type {ttype}")
 
 
 def read_varint(buf: bytes | bytearray, pos: int, n: int, max_bytes: int) -> tuple[int, int]:
-    """An unsigned varint at ``buf[pos]`` of at most ``max_bytes`` bytes: (value, next pos)."""
+    """An unsigned varint at ``buf[pos]`` of at most ``max_bytes`` bytes, within ``buf[:n]``:
+    (value, next pos). Raises :class:`IncompleteMessageError` past ``n``."""
     value = shift = 0
     end = pos + max_bytes
     while True:
@@ -170,86 +109,321 @@ def read_varint(buf: bytes | bytearray, pos: int, n: int, max_bytes: int) -> tup
         shift += 7
 
 
-def _compact_element(  # noqa: PLR0917 - a hot recursive walk: arguments beat attributes
-    buf: bytes | bytearray, pos: int, ctype: int, depth: int, n: int, limits: WireLimits
-) -> int:
-    """One value of compact type ``ctype`` as a container element (a bool is one byte)."""
-    if ctype in (1, 2):
-        return _step(pos, 1, n)
-    return _compact(buf, pos, ctype, depth, n, limits)
+class StructWalker:
+    """Walks structs of one protocol (binary or compact) against ``limits``; one walk at a
+    time (a connection's, or a server connection's)."""
 
+    __slots__ = (
+        "_buf",
+        "_chunk",
+        "_is_compact",
+        "_left",
+        "_limits",
+        "_more",
+        "_pause",
+        "_seen",
+    )
 
-def _compact(  # noqa: PLR0917 - a hot recursive walk: arguments beat attributes
-    buf: bytes | bytearray, pos: int, ctype: int, depth: int, n: int, limits: WireLimits
-) -> int:
-    size = _COMPACT_FIXED.get(ctype)
-    if size is not None:
-        return _step(pos, size, n)
-    if ctype in _COMPACT_VARINTS:
-        return read_varint(buf, pos, n, _COMPACT_MAX_VARINT[ctype])[1]
-    if ctype == 8:
-        length, after = read_varint(buf, pos, n, 5)
-        if length > limits.max_string_size:
-            raise MessageLimitError(
-                "max_string_size", length, limits.max_string_size, f"at byte {pos}"
-            )
-        return _step(after, length, n)
-    if ctype not in (9, 10, 11, 12):
-        raise MalformedMessageError(f"unknown compact type code {ctype} at byte {pos}")
-    if depth <= 0:
-        raise MessageLimitError(
-            "max_depth", limits.max_depth + 1, limits.max_depth, f"at byte {pos}"
-        )
-    depth -= 1
-    if ctype == 12:  # a struct: field headers until STOP
+    def __init__(self, compact: bool, limits: WireLimits) -> None:
+        self._is_compact = compact
+        self._limits = limits
+        self._buf: bytes | bytearray = b""
+        self._more: More = incomplete
+        self._pause: Callable[[], object] | None = None
+        self._seen = self._chunk = self._left = 0
+
+    def walk(  # noqa: PLR0917 - the walk's whole context, given once
+        self,
+        buf: bytes | bytearray,
+        pos: int,
+        n: int,
+        spec: dict[int, Any] | None,
+        more: More = incomplete,
+        pause: Callable[[], object] | None = None,
+    ) -> int:
+        """The end of the struct at ``buf[pos]``, walked against ``spec`` (a thriftpy2
+        ``thrift_spec``; None: walked as the wire says, as the decoder skips). ``buf[:n]`` is
+        what is there so far; ``more`` is asked for the rest (see :data:`More`)."""
+        self._buf, self._more, self._pause = buf, more, pause
+        self._seen, self._chunk = 0, PAUSE_EVERY
+        self._left = PAUSE_EVERY
+        try:
+            if self._is_compact:
+                end = self._compact_struct(pos, spec, self._limits.max_depth, n)
+            else:
+                end = self._binary_struct(pos, spec, self._limits.max_depth, n)
+            self._count_chunk()
+            return end
+        finally:
+            self._buf, self._more, self._pause = b"", incomplete, None
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Called when the current chunk of values is spent: check the total, then pause."""
+        self._count_chunk()
+        if self._pause is not None:
+            self._pause()
+        self._chunk = self._left = PAUSE_EVERY
+
+    def _count_chunk(self) -> None:
+        self._seen += self._chunk - self._left
+        self._chunk = self._left = 0
+        allowed = self._limits.max_values
+        if self._seen > allowed:
+            raise MessageLimitError("max_values", self._seen, allowed, "(at least)")
+
+    def _deeper(self, depth: int, pos: int) -> int:
+        if depth <= 0:
+            limit = self._limits.max_depth
+            raise MessageLimitError("max_depth", limit + 1, limit, f"at byte {pos}")
+        return depth - 1
+
+    def _check_count(self, count: int, pos: int) -> None:
+        if count < 0:
+            raise MalformedMessageError(f"negative element count {count} at byte {pos}")
+        allowed = self._limits.max_container_size
+        if count > allowed:
+            raise MessageLimitError("max_container_size", count, allowed, f"at byte {pos}")
+
+    def _charge(self, values: int) -> None:
+        """Count ``values`` more values walked (see :meth:`_checkpoint`)."""
+        self._left -= values
+        if self._left < 0:
+            self._checkpoint()
+
+    def _check_string(self, length: int, pos: int) -> None:
+        if length < 0:
+            raise MalformedMessageError(f"negative string length {length} at byte {pos}")
+        allowed = self._limits.max_string_size
+        if length > allowed:
+            raise MessageLimitError("max_string_size", length, allowed, f"at byte {pos}")
+
+    def _step(self, pos: int, size: int, n: int) -> int:
+        pos += size
+        if pos > n:
+            self._more(pos)
+        return pos
+
+    def _map_types(
+        self, wire_key: int, wire_value: int, spec: Any, pos: int
+    ) -> tuple[int, Any, int, Any]:
+        """The key and value types (and specs) the decoder will read a map's entries as."""
+        if spec is None:
+            return wire_key, None, wire_value, None
+        key, key_spec = _split_spec(spec[0])
+        value, value_spec = _split_spec(spec[1])
+        # The decoders take a wire "string" for whatever the IDL declares: refuse it unless
+        # the IDL declares a string too (otherwise the entry is read as another type).
+        for wire, declared in ((wire_key, key), (wire_value, value)):
+            if wire in _STRINGS and declared not in _STRINGS:
+                raise MalformedMessageError(
+                    f"a map of {_type_name(wire)} where the IDL declares {_type_name(declared)}"
+                    f" at byte {pos}"
+                )
+        if _same(wire_key, key) and _same(wire_value, value):
+            return key, key_spec, value, value_spec
+        return wire_key, None, wire_value, None  # the decoder skips the entries
+
+    # -- the binary protocol -------------------------------------------------------------------
+
+    def _binary_struct(self, pos: int, spec: dict[int, Any] | None, depth: int, n: int) -> int:
+        depth = self._deeper(depth, pos)
+        buf = self._buf
         while True:
+            self._left -= 1  # the struct, then each field
+            if self._left < 0:
+                self._checkpoint()
             if pos >= n:
-                raise IncompleteMessageError(pos + 1)
+                n = self._more(pos + 1)
+            field_type = buf[pos]
+            if field_type == 0:
+                return pos + 1
+            if pos + 3 > n:
+                n = self._more(pos + 3)
+            field = spec.get(_i16(buf, pos + 1)[0]) if spec is not None else None
+            if field is not None and _same(field_type, field[0]):
+                inner = field[2] if len(field) > 3 else None
+                pos = self._binary(pos + 3, field[0], inner, depth, n)
+            else:  # the decoder skips it: walk it as the wire says
+                pos = self._binary(pos + 3, field_type, None, depth, n)
+
+    def _binary(self, pos: int, ttype: int, spec: Any, depth: int, n: int) -> int:
+        size = _FIXED.get(ttype)
+        if size is not None:
+            return self._step(pos, size, n)
+        if ttype in _STRINGS:
+            if pos + 4 > n:
+                n = self._more(pos + 4)
+            (length,) = _i32(self._buf, pos)
+            self._check_string(length, pos)
+            self._charge(1)
+            return self._step(pos + 4, length, n)
+        if ttype == STRUCT:
+            inner = spec.thrift_spec if spec is not None else None
+            return self._binary_struct(pos, inner, depth, n)
+        if ttype not in (MAP, SET, LIST):
+            raise MalformedMessageError(f"unknown type code {ttype} at byte {pos}")
+        depth = self._deeper(depth, pos)
+        if ttype == MAP:
+            if pos + 6 > n:
+                n = self._more(pos + 6)
+            wire_key, wire_value, count = _map_header(self._buf, pos)
+            _check_binary_type(wire_key, pos)
+            _check_binary_type(wire_value, pos)
+            self._check_count(count, pos)
+            key, key_spec, value, value_spec = self._map_types(wire_key, wire_value, spec, pos)
+            pos += 6
+            key_size, value_size = _FIXED.get(key), _FIXED.get(value)
+            if key_size is not None and value_size is not None:
+                self._charge(1 + 2 * count)
+                return self._step(pos, count * (key_size + value_size), n)
+            self._charge(1 + _loose(key, count) + _loose(value, count))
+            for _ in range(count):
+                pos = self._binary(pos, key, key_spec, depth, n)
+                pos = self._binary(pos, value, value_spec, depth, n)
+            return pos
+        if pos + 5 > n:
+            n = self._more(pos + 5)
+        wire_type, count = _type_count(self._buf, pos)
+        _check_binary_type(wire_type, pos)
+        self._check_count(count, pos)
+        pos += 5
+        element, element_spec = wire_type, None
+        if spec is not None:
+            declared, declared_spec = _split_spec(spec)
+            if _same(wire_type, declared):  # otherwise the decoder skips the elements
+                element, element_spec = declared, declared_spec
+        size = _FIXED.get(element)
+        if size is not None:
+            self._charge(1 + count)
+            return self._step(pos, count * size, n)
+        self._charge(1 + _loose(element, count))
+        for _ in range(count):
+            pos = self._binary(pos, element, element_spec, depth, n)
+        return pos
+
+    # -- the compact protocol ------------------------------------------------------------------
+
+    def _compact_struct(self, pos: int, spec: dict[int, Any] | None, depth: int, n: int) -> int:
+        depth = self._deeper(depth, pos)
+        buf = self._buf
+        last_fid = 0
+        while True:
+            self._left -= 1  # the struct, then each field
+            if self._left < 0:
+                self._checkpoint()
+            if pos >= n:
+                n = self._more(pos + 1)
             header = buf[pos]
             pos += 1
-            if header == 0:
+            code = header & 0x0F
+            if code == 0:  # STOP (the decoder looks at the low nibble only)
                 return pos
-            field_type = header & 0x0F
-            if header >> 4 == 0:  # the field id follows as a zigzag varint
-                pos = read_varint(buf, pos, n, 3)[1]
-            if field_type in (1, 2):
-                continue  # a bool field: its value is in the header
-            pos = _compact(buf, pos, field_type, depth, n, limits)
-    if ctype == 11:  # a map: varint count, then one byte of key and value types
-        count, pos = read_varint(buf, pos, n, 5)
-        _check_count(count, pos, limits)
+            field_type = _COMPACT.get(code)
+            if field_type is None:
+                raise MalformedMessageError(f"unknown compact type code {code} at byte {pos - 1}")
+            delta = header >> 4
+            if delta:
+                last_fid += delta
+            else:  # the field id follows as a zigzag varint
+                zigzag, pos = self._varint(pos, n, 3)
+                last_fid = (zigzag >> 1) ^ -(zigzag & 1)
+            if field_type == BOOL:
+                continue  # a bool field's value is in its header, whatever the IDL says
+            field = spec.get(last_fid) if spec is not None else None
+            if field is not None and _same(field_type, field[0]):
+                inner = field[2] if len(field) > 3 else None
+                pos = self._compact(pos, field[0], inner, depth, n)
+            else:  # the decoder skips it: walk it as the wire says
+                pos = self._compact(pos, field_type, None, depth, n)
+
+    def _varint(self, pos: int, n: int, max_bytes: int) -> tuple[int, int]:
+        while True:
+            try:
+                return read_varint(self._buf, pos, n, max_bytes)
+            except IncompleteMessageError as short:
+                n = self._more(short.needed)
+
+    def _compact(self, pos: int, ttype: int, spec: Any, depth: int, n: int) -> int:
+        """One value of ``ttype`` as a container element or a non-bool field."""
+        if ttype in (BOOL, BYTE):
+            return self._step(pos, 1, n)
+        varint = _VARINT_BYTES.get(ttype)
+        if varint is not None:
+            return self._varint(pos, n, varint)[1]
+        if ttype == DOUBLE:
+            return self._step(pos, 8, n)
+        if ttype in _STRINGS:
+            length, after = self._varint(pos, n, 5)
+            self._check_string(length, pos)
+            self._charge(1)
+            return self._step(after, length, n)
+        if ttype == STRUCT:
+            inner = spec.thrift_spec if spec is not None else None
+            return self._compact_struct(pos, inner, depth, n)
+        depth = self._deeper(depth, pos)
+        if ttype == MAP:
+            return self._compact_map(pos, spec, depth, n)
+        # a list or a set: count in the high nibble (15: a varint follows), type in the low one
+        if pos >= n:
+            n = self._more(pos + 1)
+        header = self._buf[pos]
+        pos += 1
+        wire_type = _COMPACT.get(header & 0x0F)
+        if wire_type is None:
+            raise MalformedMessageError(
+                f"unknown compact element type {header & 0x0F} at byte {pos - 1}"
+            )
+        count = header >> 4
+        if count == 15:
+            count, pos = self._varint(pos, n, 5)
+        self._check_count(count, pos)
+        element, element_spec = wire_type, None
+        if spec is not None:
+            # The compact decoder reads the elements as the IDL's type, whatever the wire says.
+            element, element_spec = _split_spec(spec)
+            if not _same(wire_type, element):
+                raise MalformedMessageError(
+                    f"a list of {_type_name(wire_type)} where the IDL declares"
+                    f" {_type_name(element)} at byte {pos}"
+                )
+        if element in (BOOL, BYTE, DOUBLE):
+            self._charge(1 + count)
+            return self._step(pos, count * (8 if element == DOUBLE else 1), n)
+        self._charge(1 + _loose(element, count))
+        for _ in range(count):
+            pos = self._compact(pos, element, element_spec, depth, n)
+        return pos
+
+    def _compact_map(self, pos: int, spec: Any, depth: int, n: int) -> int:
+        """A map: a varint count, then (unless empty) one byte of key and value types."""
+        count, pos = self._varint(pos, n, 5)
+        self._check_count(count, pos)
         if count == 0:
+            self._charge(1)
             return pos
         if pos >= n:
-            raise IncompleteMessageError(pos + 1)
-        types = buf[pos]
+            n = self._more(pos + 1)
+        types = self._buf[pos]
+        wire_key, wire_value = _COMPACT.get(types >> 4), _COMPACT.get(types & 0x0F)
+        if wire_key is None or wire_value is None:
+            raise MalformedMessageError(f"unknown compact map types 0x{types:02x} at byte {pos}")
+        key, key_spec, value, value_spec = self._map_types(wire_key, wire_value, spec, pos)
+        self._charge(1 + _loose(key, count) + _loose(value, count))
         pos += 1
-        key_type, value_type = types >> 4, types & 0x0F
-        for ctype_ in (key_type, value_type):
-            _check_compact_element_type(ctype_, pos)
         for _ in range(count):
-            pos = _compact_element(buf, pos, key_type, depth, n, limits)
-            pos = _compact_element(buf, pos, value_type, depth, n, limits)
+            pos = self._compact(pos, key, key_spec, depth, n)
+            pos = self._compact(pos, value, value_spec, depth, n)
         return pos
-    # a list or a set: count in the high nibble (15: a varint follows), type in the low one
-    if pos >= n:
-        raise IncompleteMessageError(pos + 1)
-    header = buf[pos]
-    pos += 1
-    element_type, count = header & 0x0F, header >> 4
-    _check_compact_element_type(element_type, pos)
-    if count == 15:
-        count, pos = read_varint(buf, pos, n, 5)
-    _check_count(count, pos, limits)
-    if element_type in (1, 2, 3):
-        return _step(pos, count, n)
-    if element_type == 7:
-        return _step(pos, count * 8, n)
-    for _ in range(count):
-        pos = _compact_element(buf, pos, element_type, depth, n, limits)
-    return pos
 
 
-def _check_compact_element_type(ctype: int, pos: int) -> None:
-    if not 1 <= ctype <= 12:
-        raise MalformedMessageError(f"unknown compact type code {ctype} at byte {pos}")
+def _loose(ttype: int, count: int) -> int:
+    """The values ``count`` elements of ``ttype`` add to their container's count: none when
+    each element counts itself."""
+    return 0 if ttype in _COUNTS_ITSELF else count
+
+
+def _check_binary_type(ttype: int, pos: int) -> None:
+    if ttype not in _NAMES:
+        raise MalformedMessageError(f"unknown type code {ttype} at byte {pos}")
