@@ -81,6 +81,8 @@ class MessageCodec:
         self._header: Callable[[bytes | bytearray, int, int], tuple[str, int, int, int]]
         self._walker = StructWalker(self._compact, limits)
         self._receive: More = incomplete
+        self._bounded: More = self._more  # made once: split passes it to every walk
+        self._walk = self._walker.walk
         self._frame = 0
         if self._compact:
             self._header = self._compact_header
@@ -148,7 +150,7 @@ class MessageCodec:
             except IncompleteMessageError as short:
                 n = self._more(short.needed)
         spec = expect(name, message_type, seqid) if expect is not None else None
-        stop = self._walker.walk(buf, start, n, spec, self._more, pause)
+        stop = self._walk(buf, start, n, spec, self._bounded, pause)
         return name, message_type, seqid, bytes(buf[start:stop]), stop
 
     def _more(self, pos: int) -> int:

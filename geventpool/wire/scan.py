@@ -119,6 +119,7 @@ class StructWalker:
         "_is_compact",
         "_left",
         "_limits",
+        "_max_string",
         "_more",
         "_pause",
         "_seen",
@@ -127,6 +128,7 @@ class StructWalker:
     def __init__(self, compact: bool, limits: WireLimits) -> None:
         self._is_compact = compact
         self._limits = limits
+        self._max_string = limits.max_string_size
         self._buf: bytes | bytearray = b""
         self._more: More = incomplete
         self._pause: Callable[[], object] | None = None
@@ -144,18 +146,17 @@ class StructWalker:
         """The end of the struct at ``buf[pos]``, walked against ``spec`` (a thriftpy2
         ``thrift_spec``; None: walked as the wire says, as the decoder skips). ``buf[:n]`` is
         what is there so far; ``more`` is asked for the rest (see :data:`More`)."""
+        # Kept until the next walk (no try/finally: this is on every call's path).
         self._buf, self._more, self._pause = buf, more, pause
         self._seen, self._chunk = 0, PAUSE_EVERY
         self._left = PAUSE_EVERY
-        try:
-            if self._is_compact:
-                end = self._compact_struct(pos, spec, self._limits.max_depth, n)
-            else:
-                end = self._binary_struct(pos, spec, self._limits.max_depth, n)
-            self._count_chunk()
-            return end
-        finally:
-            self._buf, self._more, self._pause = b"", incomplete, None
+        if self._is_compact:
+            end = self._compact_struct(pos, spec, self._limits.max_depth, n)
+        else:
+            end = self._binary_struct(pos, spec, self._limits.max_depth, n)
+        if self._seen + PAUSE_EVERY - self._left > self._limits.max_values:
+            self._count_chunk()  # raises
+        return end
 
     # -- shared --------------------------------------------------------------------------------
 
@@ -228,7 +229,9 @@ class StructWalker:
     # -- the binary protocol -------------------------------------------------------------------
 
     def _binary_struct(self, pos: int, spec: dict[int, Any] | None, depth: int, n: int) -> int:
-        depth = self._deeper(depth, pos)
+        if depth <= 0:
+            self._deeper(depth, pos)  # raises
+        depth -= 1
         buf = self._buf
         while True:
             self._left -= 1  # the struct, then each field
@@ -242,7 +245,9 @@ class StructWalker:
             if pos + 3 > n:
                 n = self._more(pos + 3)
             field = spec.get(_i16(buf, pos + 1)[0]) if spec is not None else None
-            if field is not None and _same(field_type, field[0]):
+            if field is not None and (
+                field_type == field[0] or (field_type in _STRINGS and field[0] in _STRINGS)
+            ):
                 inner = field[2] if len(field) > 3 else None
                 pos = self._binary(pos + 3, field[0], inner, depth, n)
             else:  # the decoder skips it: walk it as the wire says
@@ -256,9 +261,15 @@ class StructWalker:
             if pos + 4 > n:
                 n = self._more(pos + 4)
             (length,) = _i32(self._buf, pos)
-            self._check_string(length, pos)
-            self._charge(1)
-            return self._step(pos + 4, length, n)
+            if length < 0 or length > self._max_string:
+                self._check_string(length, pos)  # raises
+            self._left -= 1
+            if self._left < 0:
+                self._checkpoint()
+            pos += 4 + length
+            if pos > n:
+                self._more(pos)
+            return pos
         if ttype == STRUCT:
             inner = spec.thrift_spec if spec is not None else None
             return self._binary_struct(pos, inner, depth, n)
