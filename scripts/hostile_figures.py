@@ -32,6 +32,16 @@ CLIENT_CASES = [
     ("buffered", "claim-list:2147483647", "a list of i32 claiming 2^31-1 elements"),
     ("buffered", "deep:100", "lists nested 100 deep"),
     ("buffered", "claim-string:16000000", "a string of 16 MB (within the limit), half sent"),
+    (
+        "buffered",
+        "table/next-body:0d00000b0b000000010000000461626364000000047778797a00",
+        "43 bytes: map<i32, binary> sent with string keys (the decoder allocated 1.6 GB)",
+    ),
+    (
+        "buffered",
+        "items/structs-then-garbage:1000000",
+        "1 MB: a million empty structs, then an unknown type code",
+    ),
 ]
 
 CLIENT_CASE = """
@@ -49,6 +59,14 @@ def peak():
 client = ServiceClient(echo_thrift.Echo, "echo", pool=PoolSettings(max_connections=1),
     instances=[Instance(host="127.0.0.1", port=port, transport=transport)])
 client.echo("ok:warm up")
+call = lambda: client.echo(mode, timeout=1.0)
+if "/" in mode:  # METHOD/next-body:HEX: the reply to METHOD is HEX (structs-then-garbage:N)
+    method, mode = mode.split("/")
+    if mode.startswith("structs-then-garbage:"):
+        count = int(mode.split(":")[1])
+        mode = "next-body:0f00000c" + count.to_bytes(4, "big").hex() + "00" * count + "63"
+    client.echo(mode)
+    call = lambda: getattr(client, method)({"a": 1} if method == "table" else 1, timeout=1.0)
 longest = 0.0
 def tick():
     global longest
@@ -62,7 +80,7 @@ ticker = gevent.spawn(tick)
 gevent.sleep(0.01)
 before, started = peak(), time.perf_counter()
 try:
-    client.echo(mode, timeout=1.0)
+    call()
     error = "none"
 except Exception as caught:
     error = type(caught).__name__
@@ -107,6 +125,9 @@ def client_figures() -> list[dict[str, Any]]:
 
 
 _ECHO_CALL = b"\x80\x01\x00\x01\x00\x00\x00\x04echo\x00\x00\x00\x01"  # header of echo() #1
+_TABLE_CALL = b"\x80\x01\x00\x01\x00\x00\x00\x05table\x00\x00\x00\x01"  # table() #1
+_KEY = struct.pack("!i", 1) + b"k"
+_MISREAD = _KEY + struct.pack("!i", 4) + b"\x7f\xff\xff\xf0" + _KEY + _KEY
 SERVER_CASES = [
     ("framed", struct.pack("!i", 2_000_000_000), 256 << 20, "a frame claiming 2 GB, then 256 MiB"),
     (
@@ -121,6 +142,22 @@ SERVER_CASES = [
         + struct.pack("!i", 2**30),
         64 << 20,
         "a string claiming 1 GiB, then 64 MiB",
+    ),
+    (
+        "buffered",
+        _TABLE_CALL + b"\x0d\x00\x01\x0b\x0b" + struct.pack("!i", 2) + _MISREAD + b"\x00",
+        0,
+        "42 bytes: map<string, i32> sent with string values (the decoder allocated 2 GiB)",
+    ),
+    (
+        "buffered",
+        _TABLE_CALL
+        + b"\x0d\x00\x01\x0b\x08"
+        + struct.pack("!i", 1_000_000)
+        + bytes(8_000_000)
+        + b"\x63",
+        0,
+        "8 MB: a map of a million entries (2 million values), then an unknown type code",
     ),
 ]
 

@@ -238,7 +238,7 @@ def test_random_near_valid_replies_give_the_right_result_or_a_typed_error(
 @pytest.mark.parametrize(
     ("protocol", "method", "body", "seen"),
     [
-        pytest.param(  # 37 bytes that made the decoder read 1.6 GB of another's memory
+        pytest.param(  # 43 bytes that made the decoder allocate 1.6 GB
             "binary",
             "table",
             "0d0000 0b0b00000001 00000004 61626364 00000004 7778797a 00",
