@@ -298,8 +298,12 @@ def test_a_request_trickling_in_past_request_timeout_closes_the_connection(
     assert "request_timeout (0.3 s)" in event["error"]
 
 
-def test_a_connection_s_pipelined_requests_let_other_connections_in() -> None:
-    """2,000 requests written at once on one connection: another client's calls are answered
+@pytest.mark.parametrize(
+    ("size", "count"),
+    [(64, 2000), (16_384, 300)],  # 16,384 bytes: each read ends with a request, buffer empty
+)
+def test_a_connection_s_pipelined_requests_let_other_connections_in(size: int, count: int) -> None:
+    """Requests written at once on one connection: another client's calls are answered
     between them, not after the last (the server yields every few requests)."""
     order: list[str] = []
 
@@ -318,17 +322,29 @@ def test_a_connection_s_pipelined_requests_let_other_connections_in() -> None:
         assert client.echo("other") == "other"  # connected, before the flood
         other = gevent.spawn(lambda: [client.echo("other") for _ in range(200)])
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            text = "pipelined".ljust(size - 24, ".")  # 24 bytes of header and field
             flood = b"".join(
-                codec.encode("echo", CALL, seqid, echo_thrift.Echo.echo_args(msg="pipelined"))
-                for seqid in range(2000)
+                codec.encode("echo", CALL, seqid, echo_thrift.Echo.echo_args(msg=text))
+                for seqid in range(count)
             )
+            assert len(flood) == size * count
+
+            def drain() -> None:  # read the replies, or the server's writes would block
+                while sock.recv(1 << 20):
+                    pass
+
+            reader = gevent.spawn(drain)
             sock.sendall(flood)
             gevent.sleep(0)
             other.get(timeout=30)
+            with gevent.Timeout(30):  # bounded: until every pipelined request was answered
+                while sum(msg.startswith("pipelined") for msg in order) < count:
+                    gevent.sleep(0.01)
+            reader.kill()
     finally:
         client.stop()
         server.stop(drain_timeout=1.0)
-    flooded = [i for i, msg in enumerate(order) if msg == "pipelined"]
-    assert len(flooded) == 2000
+    flooded = [i for i, msg in enumerate(order) if msg.startswith("pipelined")]
+    assert len(flooded) == count
     between = [msg for msg in order[flooded[0] : flooded[-1]] if msg == "other"]
     assert between, "no other call was answered while the pipelined requests were"

@@ -55,4 +55,4 @@ class EchoHandler:
         return {count: key.encode() for key, count in counts.items()}
 
     def items(self, count: int) -> list[Any]:
-        return [echo_thrift.Item(id=i, name=f"item {i}") for i in range(min(count, 1_000_000))]
+        return [echo_thrift.Item(id=i, name=f"item {i}") for i in range(min(count, 100_000))]

@@ -26,6 +26,6 @@ service Echo {
   void crash(1: string message),
   // Each count's key as bytes, keyed by the count: typed maps both ways.
   map<i32, binary> table(1: map<string, i32> counts),
-  // `count` records (at most a million): a list of structs.
+  // `count` records (at most 100,000): a list of structs.
   list<Item> items(1: i32 count),
 }

@@ -104,6 +104,8 @@ class MessageCodec:
         struct). Raises whatever the codec raises for a value it cannot write; nothing of a
         failed message is left behind."""
         out, writer = self._out, self._writer
+        if self._compact:  # a varint, unsigned (thriftpy2 would loop for ever on a negative)
+            seqid &= 0xFFFFFFFF
         try:
             writer.write_message_begin(name, message_type, seqid)
             writer.write_struct(body)
@@ -151,6 +153,8 @@ class MessageCodec:
                 n = self._more(short.needed)
         spec = expect(name, message_type, seqid) if expect is not None else None
         stop = self._walk(buf, start, n, spec, self._bounded, pause)
+        if stop > self.limits.max_message_size:  # it may have been in the buffer already
+            raise MessageLimitError("max_message_size", stop, self.limits.max_message_size)
         return name, message_type, seqid, bytes(buf[start:stop]), stop
 
     def _more(self, pos: int) -> int:
@@ -229,7 +233,9 @@ class MessageCodec:
         if version_type & 0x1F != 1:
             raise MalformedMessageError(f"compact protocol version {version_type & 0x1F}, not 1")
         seqid, pos = read_varint(buf, pos + 2, end, 5)
-        if seqid >= 2**31:
+        if seqid > 0xFFFFFFFF:
+            raise MalformedMessageError(f"a sequence id out of range: {seqid}")
+        if seqid >= 2**31:  # an i32 written unsigned, as Apache Thrift does
             seqid -= 2**32
         length, pos = read_varint(buf, pos, end, 5)
         if length > self.limits.max_string_size:

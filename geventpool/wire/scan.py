@@ -68,6 +68,7 @@ _FIXED = {BOOL: 1, BYTE: 1, DOUBLE: 8, I16: 2, I32: 4, I64: 8}  # binary-protoco
 _COMPACT = {1: BOOL, 2: BOOL, 3: BYTE, 4: I16, 5: I32, 6: I64, 7: DOUBLE, 8: BINARY,
             9: LIST, 10: SET, 11: MAP, 12: STRUCT}  # fmt: skip
 _VARINT_BYTES = {I16: 3, I32: 5, I64: 10}
+_VARINT_BITS = {I16: 16, I32: 32, I64: 64}  # a zigzag value of the type has at most these
 _COUNTS_ITSELF = (STRING, BINARY, STRUCT, MAP, SET, LIST)  # other elements: their container
 
 _i16 = struct.Struct("!h").unpack_from
@@ -211,7 +212,7 @@ class StructWalker:
     ) -> tuple[int, Any, int, Any]:
         """The key and value types (and specs) the decoder will read a map's entries as."""
         if spec is None:
-            return wire_key, None, wire_value, None
+            return _skipped(wire_key), None, _skipped(wire_value), None
         key, key_spec = _split_spec(spec[0])
         value, value_spec = _split_spec(spec[1])
         # The decoders take a wire "string" for whatever the IDL declares: refuse it unless
@@ -224,7 +225,7 @@ class StructWalker:
                 )
         if _same(wire_key, key) and _same(wire_value, value):
             return key, key_spec, value, value_spec
-        return wire_key, None, wire_value, None  # the decoder skips the entries
+        return _skipped(wire_key), None, _skipped(wire_value), None  # the decoder skips them
 
     # -- the binary protocol -------------------------------------------------------------------
 
@@ -232,6 +233,8 @@ class StructWalker:
         if depth <= 0:
             self._deeper(depth, pos)  # raises
         depth -= 1
+        if spec is not None:  # the decoder makes the struct with every declared field
+            self._left -= len(spec)
         buf = self._buf
         while True:
             self._left -= 1  # the struct, then each field
@@ -250,8 +253,8 @@ class StructWalker:
             ):
                 inner = field[2] if len(field) > 3 else None
                 pos = self._binary(pos + 3, field[0], inner, depth, n)
-            else:  # the decoder skips it: walk it as the wire says
-                pos = self._binary(pos + 3, field_type, None, depth, n)
+            else:  # the decoder skips it: walk it as the wire says (a string is not decoded)
+                pos = self._binary(pos + 3, _skipped(field_type), None, depth, n)
 
     def _binary(self, pos: int, ttype: int, spec: Any, depth: int, n: int) -> int:
         size = _FIXED.get(ttype)
@@ -266,9 +269,12 @@ class StructWalker:
             self._left -= 1
             if self._left < 0:
                 self._checkpoint()
-            pos += 4 + length
+            start = pos + 4
+            pos = start + length
             if pos > n:
                 self._more(pos)
+            if ttype == STRING:
+                _check_utf8(self._buf, start, pos)
             return pos
         if ttype == STRUCT:
             inner = spec.thrift_spec if spec is not None else None
@@ -300,7 +306,7 @@ class StructWalker:
         _check_binary_type(wire_type, pos)
         self._check_count(count, pos)
         pos += 5
-        element, element_spec = wire_type, None
+        element, element_spec = _skipped(wire_type), None
         if spec is not None:
             declared, declared_spec = _split_spec(spec)
             if _same(wire_type, declared):  # otherwise the decoder skips the elements
@@ -318,6 +324,8 @@ class StructWalker:
 
     def _compact_struct(self, pos: int, spec: dict[int, Any] | None, depth: int, n: int) -> int:
         depth = self._deeper(depth, pos)
+        if spec is not None:  # the decoder makes the struct with every declared field
+            self._left -= len(spec)
         buf = self._buf
         last_fid = 0
         while True:
@@ -362,14 +370,22 @@ class StructWalker:
             return self._step(pos, 1, n)
         varint = _VARINT_BYTES.get(ttype)
         if varint is not None:
-            return self._varint(pos, n, varint)[1]
+            value, after = self._varint(pos, n, varint)
+            if value >> _VARINT_BITS[ttype]:
+                raise MalformedMessageError(
+                    f"a varint out of range for {_type_name(ttype)} at byte {pos}"
+                )
+            return after
         if ttype == DOUBLE:
             return self._step(pos, 8, n)
         if ttype in _STRINGS:
             length, after = self._varint(pos, n, 5)
             self._check_string(length, pos)
             self._charge(1)
-            return self._step(after, length, n)
+            end = self._step(after, length, n)
+            if ttype == STRING:  # declared a string: the decoder decodes it
+                _check_utf8(self._buf, after, end)
+            return end
         if ttype == STRUCT:
             inner = spec.thrift_spec if spec is not None else None
             return self._compact_struct(pos, inner, depth, n)
@@ -402,8 +418,11 @@ class StructWalker:
         if element in (BOOL, BYTE, DOUBLE):
             self._charge(1 + count)
             return self._step(pos, count * (8 if element == DOUBLE else 1), n)
-        self._charge(1 + _loose(element, count))
+        self._charge(1)
+        loose = element not in _COUNTS_ITSELF  # varints: counted one by one, to pause
         for _ in range(count):
+            if loose:
+                self._charge(1)
             pos = self._compact(pos, element, element_spec, depth, n)
         return pos
 
@@ -421,9 +440,12 @@ class StructWalker:
         if wire_key is None or wire_value is None:
             raise MalformedMessageError(f"unknown compact map types 0x{types:02x} at byte {pos}")
         key, key_spec, value, value_spec = self._map_types(wire_key, wire_value, spec, pos)
-        self._charge(1 + _loose(key, count) + _loose(value, count))
+        self._charge(1)
+        loose = (key not in _COUNTS_ITSELF) + (value not in _COUNTS_ITSELF)
         pos += 1
         for _ in range(count):
+            if loose:  # counted entry by entry, to pause
+                self._charge(loose)
             pos = self._compact(pos, key, key_spec, depth, n)
             pos = self._compact(pos, value, value_spec, depth, n)
         return pos
@@ -433,6 +455,26 @@ def _loose(ttype: int, count: int) -> int:
     """The values ``count`` elements of ``ttype`` add to their container's count: none when
     each element counts itself."""
     return 0 if ttype in _COUNTS_ITSELF else count
+
+
+def _skipped(ttype: int) -> int:
+    """The type a skipped value is walked as: a string is not decoded when skipped."""
+    return BINARY if ttype == STRING else ttype
+
+
+def _check_utf8(buf: bytes | bytearray, start: int, end: int) -> None:
+    """A value the decoder will decode as a string must be UTF-8: found here, before a
+    long decode would fail at its end."""
+    text = buf[start:end]
+    if text.isascii():
+        return
+    try:
+        text.decode()
+    except UnicodeDecodeError as error:
+        raise MalformedMessageError(
+            f"a string field is not UTF-8 ({error.reason} at byte {start + error.start});"
+            " declare it binary to receive bytes"
+        ) from None
 
 
 def _check_binary_type(ttype: int, pos: int) -> None:
