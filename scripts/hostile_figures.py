@@ -155,7 +155,7 @@ SERVER_CASES = [
         + b"\x0d\x00\x01\x0b\x08"
         + struct.pack("!i", 1_000_000)
         + bytes(8_000_000)
-        + b"\x63",
+        + b"\x63\x00\x02",  # a whole field header: the walk must reach it to refuse it
         0,
         "8 MB: a map of a million entries (2 million values), then an unknown type code",
     ),
