@@ -70,7 +70,9 @@ SCENARIOS = (
     ),
     Scenario("failover", seconds=9, actions=((2.0, "kill"),), server_session_timeout=2.0),
     Scenario("scale_up", seconds=6, actions=((2.0, "add"),)),
-    Scenario("zookeeper_restart", seconds=8, actions=((2.0, "restart_zookeeper"),)),
+    # ZooKeeper (a JVM) may take several seconds to start again on a loaded machine: leave the
+    # client time to reconnect after it is back (its reconnect back-off is at most 2 s).
+    Scenario("zookeeper_restart", seconds=14, actions=((2.0, "restart_zookeeper"),)),
     Scenario("distributed", seconds=6, processes=2),
 )
 
