@@ -74,6 +74,12 @@ _SEQID_LIMIT = 2**31 - 1
 _APPLICATION_EXCEPTION: dict[int, Any] = TApplicationException.thrift_spec
 
 
+def _let_others_run() -> None:
+    """The walk's pause: let the event loop run once, timers and I/O included (which
+    ``gevent.sleep(0)`` does not), so that a huge reply holds no other caller."""
+    gevent.sleep(1e-6)
+
+
 class Connection:
     """A connection to ``instance`` for calls of thriftpy2 ``service``; made by
     :func:`open_connection`, used by one caller at a time (a pool hands it out), closed once
@@ -184,7 +190,7 @@ class Connection:
         if not buffer:
             self._more(1)
         _, message_type, _, body, size = codec.split(
-            buffer, self._expect_reply, self._more, gevent.sleep
+            buffer, self._expect_reply, self._more, _let_others_run
         )
         del buffer[:size]
         if buffer:
