@@ -63,6 +63,7 @@ from geventpool.wire.messages import (
     ONEWAY,
     REPLY,
     MessageCodec,
+    let_others_run,
     receiver,
 )
 
@@ -72,12 +73,6 @@ _poll = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI
 _SEQID_LIMIT = 2**31 - 1
 _APPLICATION_EXCEPTION: dict[int, Any] = TApplicationException.thrift_spec
-
-
-def _let_others_run() -> None:
-    """The walk's pause: let the event loop run once, timers and I/O included (which
-    ``gevent.sleep(0)`` does not), so that a huge reply holds no other caller."""
-    gevent.sleep(1e-6)
 
 
 class Connection:
@@ -190,7 +185,7 @@ class Connection:
         if not buffer:
             self._more(1)
         _, message_type, _, body, size = codec.split(
-            buffer, self._expect_reply, self._more, _let_others_run
+            buffer, self._expect_reply, self._more, let_others_run
         )
         del buffer[:size]
         if buffer:

@@ -60,17 +60,12 @@ from geventpool.wire.messages import (
     ONEWAY,
     REPLY,
     MessageCodec,
+    let_others_run,
     receiver,
 )
 from geventpool.wire.scan import IncompleteMessageError, incomplete
 
 _YIELD_EVERY = 16  # requests answered in a row without blocking, before letting others run
-
-
-def _let_others_run() -> None:
-    """Let the event loop run once: its timers and I/O too, which ``gevent.sleep(0)`` does not
-    (it runs only greenlets already scheduled: a walk pausing with it held a timer 1.3 s)."""
-    gevent.sleep(1e-6)
 
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -409,7 +404,7 @@ class ThriftServer:
             if not buffer:
                 more(1)  # waits for a request up to the idle timeout (the socket's)
             try:
-                message = codec.split(buffer, expect, incomplete, _let_others_run)
+                message = codec.split(buffer, expect, incomplete, let_others_run)
             except IncompleteMessageError:
                 # The rest is still on its way: it has request_timeout to arrive, however
                 # slowly it trickles (each read alone is bounded by the idle timeout only).
@@ -417,7 +412,7 @@ class ThriftServer:
                     f"a request took over request_timeout ({self._request_timeout:g} s) to arrive"
                 )
                 with gevent.Timeout(self._request_timeout, late):
-                    message = codec.split(buffer, expect, more, _let_others_run)
+                    message = codec.split(buffer, expect, more, let_others_run)
             name, message_type, seqid, body, size = message
             del buffer[:size]
             reply = dispatcher.answer(codec, name, seqid, body, connection)
@@ -428,7 +423,7 @@ class ThriftServer:
             if served % _YIELD_EVERY == 0:
                 # Reads of a busy connection return at once, without a switch: let the
                 # other connections in (whether or not requests are left in the buffer).
-                _let_others_run()
+                let_others_run()
 
     def _handler_failed(self, api: str, error: Exception) -> None:
         self.stats.handler_errors += 1

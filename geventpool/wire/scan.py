@@ -182,24 +182,24 @@ class StructWalker:
         return depth - 1
 
     def _check_count(self, count: int, pos: int) -> None:
-        if count < 0:
-            raise MalformedMessageError(f"negative element count {count} at byte {pos}")
-        allowed = self._limits.max_container_size
-        if count > allowed:
-            raise MessageLimitError("max_container_size", count, allowed, f"at byte {pos}")
+        self._check_size(count, pos, "element count", "max_container_size")
+
+    def _check_string(self, length: int, pos: int) -> None:
+        self._check_size(length, pos, "string length", "max_string_size")
+
+    def _check_size(self, size: int, pos: int, what: str, limit: str) -> None:
+        """A claimed ``size`` (``what``) must be non-negative and within ``limit``."""
+        if size < 0:
+            raise MalformedMessageError(f"negative {what} {size} at byte {pos}")
+        allowed = getattr(self._limits, limit)
+        if size > allowed:
+            raise MessageLimitError(limit, size, allowed, f"at byte {pos}")
 
     def _charge(self, values: int) -> None:
         """Count ``values`` more values walked (see :meth:`_checkpoint`)."""
         self._left -= values
         if self._left < 0:
             self._checkpoint()
-
-    def _check_string(self, length: int, pos: int) -> None:
-        if length < 0:
-            raise MalformedMessageError(f"negative string length {length} at byte {pos}")
-        allowed = self._limits.max_string_size
-        if length > allowed:
-            raise MessageLimitError("max_string_size", length, allowed, f"at byte {pos}")
 
     def _step(self, pos: int, size: int, n: int) -> int:
         pos += size
