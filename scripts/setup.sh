@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Set up everything geventpool needs on a fresh Debian machine with Python 3.11:
-# ZooKeeper (scripts/install-zookeeper.sh) and a virtualenv in .venv with the package
+# ZooKeeper (scripts/install-zookeeper.sh), Apache Thrift's compiler for the interop tests
+# (scripts/install-thrift-compiler.sh) and a virtualenv in .venv with the package
 # installed in editable mode with its test and load-test extras. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-zookeeper.sh
+bash scripts/install-thrift-compiler.sh
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
