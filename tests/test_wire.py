@@ -220,6 +220,34 @@ def test_a_message_arriving_byte_by_byte_is_walked_once(protocol: str) -> None:
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_message_received_in_pieces_asks_once_per_piece(protocol: str) -> None:
+    """Containers of many small values: the walk once asked ``more`` for every value past the
+    end its container had seen (575,000 calls for a 2 MB compact map, received 64 KB at a
+    time), so that a trickled message cost three times one received whole."""
+    codec = MessageCodec("buffered", protocol)
+    outer = Outer(
+        table={i: b"v" for i in range(20_000)},
+        groups={f"g{g}": [Inner(a=i, ids=[i, -i]) for i in range(200)] for g in range(20)},
+        tags={f"tag{i}" for i in range(20_000)},
+        ll=[list(range(30))] * 500,
+    )
+    data = codec.encode("m", REPLY, 1, outer)
+    piece = 4096
+    buffer = bytearray(data[:piece])
+    asked: list[int] = []
+
+    def more(needed: int) -> int:
+        asked.append(needed)
+        while len(buffer) < needed:
+            buffer.extend(data[len(buffer) : len(buffer) + piece])
+        return len(buffer)
+
+    *_, size = codec.split(buffer, expect(Outer.thrift_spec), more)
+    assert size == len(data)
+    assert len(asked) <= len(data) // piece + 1, (len(asked), len(data) // piece)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_the_walk_pauses_every_few_thousand_values(protocol: str) -> None:
     codec = MessageCodec("buffered", protocol)
     data = codec.encode("m", REPLY, 1, Outer(inners=[Inner()] * 100_000))

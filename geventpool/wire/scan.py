@@ -122,6 +122,7 @@ class StructWalker:
         "_limits",
         "_max_string",
         "_more",
+        "_n",
         "_pause",
         "_seen",
     )
@@ -133,7 +134,7 @@ class StructWalker:
         self._buf: bytes | bytearray = b""
         self._more: More = incomplete
         self._pause: Callable[[], object] | None = None
-        self._seen = self._chunk = self._left = 0
+        self._seen = self._chunk = self._left = self._n = 0
 
     def walk(  # noqa: PLR0917 - the walk's whole context, given once
         self,
@@ -148,7 +149,7 @@ class StructWalker:
         ``thrift_spec``; None: walked as the wire says, as the decoder skips). ``buf[:n]`` is
         what is there so far; ``more`` is asked for the rest (see :data:`More`)."""
         # Kept until the next walk (no try/finally: this is on every call's path).
-        self._buf, self._more, self._pause = buf, more, pause
+        self._buf, self._more, self._pause, self._n = buf, more, pause, n
         self._seen, self._chunk = 0, PAUSE_EVERY
         self._left = PAUSE_EVERY
         if self._is_compact:
@@ -201,10 +202,19 @@ class StructWalker:
         if self._left < 0:
             self._checkpoint()
 
+    def _need(self, pos: int) -> int:
+        """Make the buffer hold ``pos`` bytes; how many it holds. A caller's ``n`` may be
+        older than what an inner value already received: ``more`` is asked only for bytes
+        that are not there yet (once per piece of a trickled message, not once per value)."""
+        n = self._n
+        if pos > n:
+            n = self._n = self._more(pos)
+        return n
+
     def _step(self, pos: int, size: int, n: int) -> int:
         pos += size
         if pos > n:
-            self._more(pos)
+            self._need(pos)
         return pos
 
     def _map_types(
@@ -241,12 +251,12 @@ class StructWalker:
             if self._left < 0:
                 self._checkpoint()
             if pos >= n:
-                n = self._more(pos + 1)
+                n = self._need(pos + 1)
             field_type = buf[pos]
             if field_type == 0:
                 return pos + 1
             if pos + 3 > n:
-                n = self._more(pos + 3)
+                n = self._need(pos + 3)
             field = spec.get(_i16(buf, pos + 1)[0]) if spec is not None else None
             if field is not None and (
                 field_type == field[0] or (field_type in _STRINGS and field[0] in _STRINGS)
@@ -262,7 +272,7 @@ class StructWalker:
             return self._step(pos, size, n)
         if ttype in _STRINGS:
             if pos + 4 > n:
-                n = self._more(pos + 4)
+                n = self._need(pos + 4)
             (length,) = _i32(self._buf, pos)
             if length < 0 or length > self._max_string:
                 self._check_string(length, pos)  # raises
@@ -272,7 +282,7 @@ class StructWalker:
             start = pos + 4
             pos = start + length
             if pos > n:
-                self._more(pos)
+                self._need(pos)
             if ttype == STRING:
                 _check_utf8(self._buf, start, pos)
             return pos
@@ -284,7 +294,7 @@ class StructWalker:
         depth = self._deeper(depth, pos)
         if ttype == MAP:
             if pos + 6 > n:
-                n = self._more(pos + 6)
+                n = self._need(pos + 6)
             wire_key, wire_value, count = _map_header(self._buf, pos)
             _check_binary_type(wire_key, pos)
             _check_binary_type(wire_value, pos)
@@ -299,9 +309,11 @@ class StructWalker:
             for _ in range(count):
                 pos = self._binary(pos, key, key_spec, depth, n)
                 pos = self._binary(pos, value, value_spec, depth, n)
+                if pos > n:  # the entries received more: the next ones see it
+                    n = self._n
             return pos
         if pos + 5 > n:
-            n = self._more(pos + 5)
+            n = self._need(pos + 5)
         wire_type, count = _type_count(self._buf, pos)
         _check_binary_type(wire_type, pos)
         self._check_count(count, pos)
@@ -318,6 +330,8 @@ class StructWalker:
         self._charge(1 + _loose(element, count))
         for _ in range(count):
             pos = self._binary(pos, element, element_spec, depth, n)
+            if pos > n:
+                n = self._n
         return pos
 
     # -- the compact protocol ------------------------------------------------------------------
@@ -333,7 +347,7 @@ class StructWalker:
             if self._left < 0:
                 self._checkpoint()
             if pos >= n:
-                n = self._more(pos + 1)
+                n = self._need(pos + 1)
             header = buf[pos]
             pos += 1
             code = header & 0x0F
@@ -362,7 +376,7 @@ class StructWalker:
             try:
                 return read_varint(self._buf, pos, n, max_bytes)
             except IncompleteMessageError as short:
-                n = self._more(short.needed)
+                n = self._need(short.needed)
 
     def _compact(self, pos: int, ttype: int, spec: Any, depth: int, n: int) -> int:
         """One value of ``ttype`` as a container element or a non-bool field."""
@@ -394,7 +408,7 @@ class StructWalker:
             return self._compact_map(pos, spec, depth, n)
         # a list or a set: count in the high nibble (15: a varint follows), type in the low one
         if pos >= n:
-            n = self._more(pos + 1)
+            n = self._need(pos + 1)
         header = self._buf[pos]
         pos += 1
         wire_type = _COMPACT.get(header & 0x0F)
@@ -424,6 +438,8 @@ class StructWalker:
             if loose:
                 self._charge(1)
             pos = self._compact(pos, element, element_spec, depth, n)
+            if pos > n:
+                n = self._n
         return pos
 
     def _compact_map(self, pos: int, spec: Any, depth: int, n: int) -> int:
@@ -434,7 +450,7 @@ class StructWalker:
             self._charge(1)
             return pos
         if pos >= n:
-            n = self._more(pos + 1)
+            n = self._need(pos + 1)
         types = self._buf[pos]
         wire_key, wire_value = _COMPACT.get(types >> 4), _COMPACT.get(types & 0x0F)
         if wire_key is None or wire_value is None:
@@ -448,6 +464,8 @@ class StructWalker:
                 self._charge(loose)
             pos = self._compact(pos, key, key_spec, depth, n)
             pos = self._compact(pos, value, value_spec, depth, n)
+            if pos > n:
+                n = self._n
         return pos
 
 
