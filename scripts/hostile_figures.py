@@ -42,6 +42,11 @@ CLIENT_CASES = [
         "items/structs-then-garbage:1000000",
         "1 MB: a million empty structs, then an unknown type code",
     ),
+    (
+        "buffered",
+        "items/structs-then-stop:500000",
+        "500 KB, valid: 500,000 empty structs (1.5 million values, decoded in a thread)",
+    ),
 ]
 
 CLIENT_CASE = """
@@ -62,9 +67,10 @@ client.echo("ok:warm up")
 call = lambda: client.echo(mode, timeout=1.0)
 if "/" in mode:  # METHOD/next-body:HEX: the reply to METHOD is HEX (structs-then-garbage:N)
     method, mode = mode.split("/")
-    if mode.startswith("structs-then-garbage:"):
+    if mode.startswith("structs-then-"):  # structs-then-garbage:N or structs-then-stop:N
         count = int(mode.split(":")[1])
-        mode = "next-body:0f00000c" + count.to_bytes(4, "big").hex() + "00" * count + "63"
+        end = "63" if "garbage" in mode else "00"
+        mode = "next-body:0f00000c" + count.to_bytes(4, "big").hex() + "00" * count + end
     client.echo(mode)
     call = lambda: getattr(client, method)({"a": 1} if method == "table" else 1, timeout=1.0)
 longest = 0.0

@@ -177,7 +177,7 @@ def read_message(sock: socket.socket, codec: MessageCodec) -> tuple[str, int, in
     buffer = bytearray()
     while True:
         try:
-            name, message_type, seqid, body, _ = codec.split(buffer)
+            name, message_type, seqid, body, *_ = codec.split(buffer)
             return name, message_type, seqid, body
         except IncompleteMessageError:
             data = sock.recv(65_536)

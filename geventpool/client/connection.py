@@ -184,15 +184,15 @@ class Connection:
         self._waiting = (spec, seqid)
         if not buffer:
             self._more(1)
-        _, message_type, _, body, size = codec.split(
+        _, message_type, _, body, size, values = codec.split(
             buffer, self._expect_reply, self._more, let_others_run
         )
         del buffer[:size]
         if buffer:
             self.broken = True  # bytes nobody asked for follow a reply: not for the next call
         if message_type == EXCEPTION:
-            return False, codec.decode(body, TApplicationException())
-        result = codec.decode(body, spec.result_class())
+            return False, codec.decode(body, TApplicationException(), values)
+        result = codec.decode(body, spec.result_class(), values)
         if spec.returns_value and result.success is not None:
             return True, result.success
         for name in spec.exceptions:

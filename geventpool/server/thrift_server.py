@@ -142,21 +142,28 @@ class _Dispatcher:
         arguments = self._arguments.get(name)
         return arguments.thrift_spec if arguments is not None else None
 
-    def answer(
-        self, codec: MessageCodec, name: str, seqid: int, body: bytes, connection: _Connection
+    def answer(  # noqa: PLR0917 - one request, as split it
+        self,
+        codec: MessageCodec,
+        name: str,
+        seqid: int,
+        body: bytes,
+        values: int,
+        connection: _Connection,
     ) -> bytes | None:
-        """The encoded reply to request ``name`` #``seqid`` (None for a oneway call)."""
+        """The encoded reply to request ``name`` #``seqid`` (None for a oneway call); ``body``
+        holds ``values`` values (see :meth:`MessageCodec.decode`)."""
         if name not in self._methods:
             failure = TApplicationException(
                 TApplicationException.UNKNOWN_METHOD, f"unknown method {name[:64]!r}"
             )
             return codec.encode(name, EXCEPTION, seqid, failure)
-        args = codec.decode(body, self._arguments[name]())
+        args = codec.decode(body, self._arguments[name](), values)
         result = getattr(self._service, f"{name}_result")()
-        values = [getattr(args, field[1]) for field in args.thrift_spec.values()]
+        given = [getattr(args, field[1]) for field in args.thrift_spec.values()]
         connection.busy = True
         try:
-            value = getattr(self._handler, name)(*values)
+            value = getattr(self._handler, name)(*given)
             problem = self._specs[name].result_problem(value)
             if problem is not None:  # the codec would truncate or refuse it: not sent
                 return self._internal_error(codec, name, seqid, TypeError(problem))
@@ -413,9 +420,9 @@ class ThriftServer:
                 )
                 with gevent.Timeout(self._request_timeout, late):
                     message = codec.split(buffer, expect, more, let_others_run)
-            name, message_type, seqid, body, size = message
+            name, message_type, seqid, body, size, values = message
             del buffer[:size]
-            reply = dispatcher.answer(codec, name, seqid, body, connection)
+            reply = dispatcher.answer(codec, name, seqid, body, values, connection)
             if reply is not None and message_type == CALL:
                 sock.sendall(reply)
             self.stats.calls += 1

@@ -190,7 +190,7 @@ def serve_connection(sock: socket.socket, address: object, codec: MessageCodec) 
     try:
         while True:
             try:
-                name, _, seqid, body, size = codec.split(buffer)
+                name, _, seqid, body, size, _ = codec.split(buffer)
             except IncompleteMessageError:
                 data = sock.recv(_CHUNK)
                 if not data:

@@ -125,6 +125,7 @@ class StructWalker:
         "_n",
         "_pause",
         "_seen",
+        "values",
     )
 
     def __init__(self, compact: bool, limits: WireLimits) -> None:
@@ -135,6 +136,8 @@ class StructWalker:
         self._more: More = incomplete
         self._pause: Callable[[], object] | None = None
         self._seen = self._chunk = self._left = self._n = 0
+        self.values = 0
+        """How many values the last walk counted (see ``max_values``): what decoding costs."""
 
     def walk(  # noqa: PLR0917 - the walk's whole context, given once
         self,
@@ -156,8 +159,10 @@ class StructWalker:
             end = self._compact_struct(pos, spec, self._limits.max_depth, n)
         else:
             end = self._binary_struct(pos, spec, self._limits.max_depth, n)
-        if self._seen + PAUSE_EVERY - self._left > self._limits.max_values:
+        values = self._seen + self._chunk - self._left
+        if values > self._limits.max_values:
             self._count_chunk()  # raises
+        self.values = values
         return end
 
     # -- shared --------------------------------------------------------------------------------
