@@ -20,7 +20,7 @@ from geventpool.testing.processes import ServerProcess
 
 def local_ports(client: ServiceClient) -> set[int]:
     return {
-        connection._sock.getsockname()[1]
+        connection._sock.getsockname()[1]  # type: ignore[attr-defined]
         for pool in client._pools.values()
         for connection in pool._open_connections
     }

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from geventpool import events
-from geventpool.client.connection import Connection
+from geventpool.client.connection import Connection, PooledConnection
 from geventpool.client.pool import InstancePool, PoolSettings
 from geventpool.discovery.instance import Instance
 from geventpool.errors import ConnectError, PoolClosedError, PoolError, PoolExhaustedError
@@ -47,8 +47,8 @@ class PoolMachine(RuleBasedStateMachine):
             connect=self.connect,
         )
         self.callers: list[gevent.Greenlet] = []
-        self.broken: list[Connection] = []  # kept alive, so no id is ever reused
-        self.reused_broken: list[Connection] = []
+        self.broken: list[PooledConnection] = []  # kept alive, so no id is ever reused
+        self.reused_broken: list[PooledConnection] = []
 
     def connect(self, instance: Instance, service: Any, **options: Any) -> Connection:
         gevent.sleep(self.connect_delay)
@@ -230,7 +230,7 @@ def test_the_reaper_takes_connections_off_the_stack_before_it_logs() -> None:
     pool.release(alive)
     pool.release(dead)
     peers[1].close()  # dead's peer went away: the reaper closes it
-    taken: list[Connection] = []
+    taken: list[PooledConnection] = []
 
     def yielding_log(*args: Any, **kwargs: Any) -> None:
         if not taken:  # another caller runs while the log line is written

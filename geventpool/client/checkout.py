@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from geventpool.client.balancer import Balancer
-from geventpool.client.connection import Connection
+from geventpool.client.connection import PooledConnection
 from geventpool.client.exhaustion import ExhaustionReporter
 from geventpool.client.pool import ACTIVE, InstancePool
 from geventpool.client.pools import ServicePools
@@ -57,7 +57,7 @@ class Checkout:
         self._retries = retries
         self._clock = clock
 
-    def acquire(self, deadline: float) -> tuple[InstancePool, Connection]:
+    def acquire(self, deadline: float) -> tuple[InstancePool, PooledConnection]:
         """A pool and a connection from it, by ``deadline`` (clock seconds) at the latest."""
         tried: tuple[InstancePool, ...] = ()
         attempts: tuple[GeventPoolError, ...] = ()

@@ -36,13 +36,14 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import gevent.socket
 from gevent import monkey
-from thriftpy2.thrift import TApplicationException
 
+from geventpool.client.pipeline import PipelinedConnection
+from geventpool.client.replies import outcome, reply_spec
 from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
@@ -58,10 +59,7 @@ from geventpool.wire.arguments import MethodSpec, method_spec
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 from geventpool.wire.messages import (
     CALL,
-    EXCEPTION,
-    MESSAGE_TYPES,
     ONEWAY,
-    REPLY,
     MessageCodec,
     let_others_run,
     receiver,
@@ -72,7 +70,31 @@ from geventpool.wire.messages import (
 _poll = monkey.get_original("select", "poll")
 _READABLE = select.POLLIN | select.POLLPRI
 _SEQID_LIMIT = 2**31 - 1
-_APPLICATION_EXCEPTION: dict[int, Any] = TApplicationException.thrift_spec
+
+
+class PooledConnection(Protocol):
+    """What a pool needs of a connection: a :class:`Connection`, or a
+    :class:`~geventpool.client.pipeline.PipelinedConnection`."""
+
+    instance: Instance
+    broken: bool
+    holders: int  # callers holding it: counted by the pool only
+    last_used: float
+    expires_at: float
+
+    def call(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float
+    ) -> Any: ...
+
+    def usable(self, now: float) -> bool: ...
+
+    def overdue(self, now: float) -> bool: ...
+
+    def fail_stuck(self, now: float) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class Connection:
@@ -93,9 +115,9 @@ class Connection:
         "_sock",
         "_waiting",
         "broken",
-        "checked_out",
         "created_at",
         "expires_at",
+        "holders",
         "instance",
         "last_used",
     )
@@ -126,7 +148,7 @@ class Connection:
         self.created_at = self.last_used = clock()
         self.expires_at = expires_at
         self.broken = False
-        self.checked_out = False  # set and cleared by the pool only
+        self.holders = 0  # callers holding it (0 or 1): counted by the pool only
 
     def call(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float
@@ -190,20 +212,7 @@ class Connection:
         del buffer[:size]
         if buffer:
             self.broken = True  # bytes nobody asked for follow a reply: not for the next call
-        if message_type == EXCEPTION:
-            return False, codec.decode(body, TApplicationException(), values)
-        result = codec.decode(body, spec.result_class(), values)
-        if spec.returns_value and result.success is not None:
-            return True, result.success
-        for name in spec.exceptions:
-            error = getattr(result, name, None)
-            if error is not None:
-                return False, error
-        if not spec.returns_value:
-            return True, None
-        return False, TApplicationException(
-            TApplicationException.MISSING_RESULT, f"{spec.name}() returned no result"
-        )
+        return outcome(codec, spec, message_type, body, values)
 
     def _expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any]:
         """The spec of the reply the waiting call expects; anything else is refused before
@@ -211,15 +220,7 @@ class Connection:
         if self._waiting is None:
             raise MalformedMessageError("a message arrived while no call was waiting")
         spec, waiting = self._waiting
-        if seqid != waiting or name != spec.name or message_type not in (REPLY, EXCEPTION):
-            kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
-            raise MalformedMessageError(
-                f"expected the REPLY to {spec.name}() #{waiting}, got {kind} {name[:64]!r} #{seqid}"
-            )
-        if message_type == EXCEPTION:
-            return _APPLICATION_EXCEPTION
-        spec_: dict[int, Any] = spec.result_class.thrift_spec
-        return spec_
+        return reply_spec(spec, waiting, name, message_type, seqid)
 
     def usable(self, now: float) -> bool:
         """Whether the connection may be handed out: not broken, not past its lifetime, and
@@ -230,6 +231,14 @@ class Connection:
             return not self._poller.poll(0)  # anything (data, end of file, error) means no
         except OSError:
             return False
+
+    def overdue(self, now: float) -> bool:
+        """Never: its one call at a time is bounded by that call's own deadline."""
+        return False
+
+    def fail_stuck(self, now: float) -> None:
+        """Close (see :meth:`overdue`)."""
+        self.close()
 
     def fileno(self) -> int:
         """The socket's descriptor (-1 once closed)."""
@@ -251,9 +260,13 @@ def open_connection(
     lifetime: float,
     clock: Callable[[], float] = time.monotonic,
     limits: WireLimits = DEFAULT_LIMITS,
-) -> Connection:
+    max_inflight: int = 1,
+    stuck_after: float = 5.0,
+) -> PooledConnection:
     """Connect to ``instance`` within ``connect_timeout`` seconds (and before ``deadline``),
-    speaking its registered transport and protocol. Raises :class:`ConnectError`."""
+    speaking its registered transport and protocol: a :class:`Connection`, or with
+    ``max_inflight`` above 1 a
+    :class:`~geventpool.client.pipeline.PipelinedConnection`. Raises :class:`ConnectError`."""
     timeout = min(connect_timeout, deadline - clock())
     if timeout <= 0:
         raise ConnectError(str(instance), "no time left before the deadline to connect")
@@ -263,6 +276,15 @@ def open_connection(
         raise ConnectError(str(instance), f"connect failed: {error!r}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)  # every call is bounded by its own deadline instead
-    return Connection(
-        instance, sock, service, clock=clock, expires_at=clock() + lifetime, limits=limits
-    )
+    expires_at = clock() + lifetime
+    if max_inflight > 1:
+        return PipelinedConnection(
+            instance,
+            sock,
+            service,
+            clock=clock,
+            expires_at=expires_at,
+            limits=limits,
+            stuck_after=stuck_after,
+        )
+    return Connection(instance, sock, service, clock=clock, expires_at=expires_at, limits=limits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from geventpool.client.connection import Connection
+from geventpool.client.connection import PooledConnection
 from geventpool.client.pool import InstancePool
 from geventpool.discovery.instance import Instance
 from geventpool.errors import ConnectionClosedError
@@ -23,7 +23,7 @@ class PinnedConnection:
     def __init__(
         self,
         pool: InstancePool,
-        connection: Connection,
+        connection: PooledConnection,
         limit: float,
         clock: Callable[[], float],
         methods: frozenset[str],

@@ -40,7 +40,7 @@ from typing import Any
 from gevent.event import AsyncResult
 
 from geventpool import events
-from geventpool.client.connection import Connection, open_connection
+from geventpool.client.connection import PooledConnection, open_connection
 from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
@@ -55,6 +55,11 @@ from geventpool.validation import check_seconds
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 
 ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
+PIPELINING, OUT_OF_ORDER = "pipelining", "out-of-order"
+"""The registry metadata with which a server advertises that it answers a connection's calls
+concurrently, each reply as soon as it is ready (``ThriftServer`` does)."""
+PIPELINED_INFLIGHT = 32
+"""``max_inflight`` by default with an instance that advertises out-of-order replies."""
 _OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a connection
 _CANCELLED = object()  # a waiter that left; whoever pops it passes it over
 _SHUT = object()  # the pool retired or closed while the waiter waited
@@ -65,7 +70,12 @@ _EJECTED = object()  # the instance was ejected while the waiter waited: go else
 class PoolSettings:
     """How each instance's pool behaves. Durations are float seconds.
 
-    ``max_connections`` per instance; ``min_idle`` idle connections kept open (also the count
+    ``max_connections`` per instance; ``max_inflight`` calls at once on one connection (1: each
+    call has its connection to itself; above 1, calls are pipelined: see
+    :mod:`geventpool.client.pipeline`; None, the default: :data:`PIPELINED_INFLIGHT` with
+    instances that advertise out-of-order replies, 1 with any other); ``stuck_after`` how long
+    past its deadline a pipelined call's reply may be late before its connection is broken as
+    stuck; ``min_idle`` idle connections kept open (also the count
     opened when an instance joins); ``pool_timeout`` the longest wait for a connection;
     ``connect_timeout`` for opening one; ``idle_timeout`` after which an idle connection above
     ``min_idle`` is closed (None: never); ``max_lifetime`` after which any connection is
@@ -78,6 +88,8 @@ class PoolSettings:
     """
 
     max_connections: int = 10
+    max_inflight: int | None = None
+    stuck_after: float = 5.0
     min_idle: int = 0
     pool_timeout: float = 1.0
     connect_timeout: float = 1.0
@@ -91,11 +103,23 @@ class PoolSettings:
     reap_interval: float = 1.0
     limits: WireLimits = DEFAULT_LIMITS
 
+    def inflight_for(self, instance: Instance) -> int:
+        """The ``max_inflight`` that applies to ``instance``."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return PIPELINED_INFLIGHT if instance.metadata.get(PIPELINING) == OUT_OF_ORDER else 1
+
     def __post_init__(self) -> None:
         if not isinstance(self.limits, WireLimits):
             raise ConfigurationError(f"limits must be a WireLimits, not {self.limits!r}")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {self.max_connections!r}")
+        if self.max_inflight is not None and (
+            not isinstance(self.max_inflight, int) or self.max_inflight < 1
+        ):
+            raise ConfigurationError(
+                f"max_inflight must be None or an integer >= 1, not {self.max_inflight!r}"
+            )
         if not isinstance(self.min_idle, int) or not 0 <= self.min_idle <= self.max_connections:
             raise ConfigurationError(
                 f"min_idle must be from 0 to max_connections ({self.max_connections}),"
@@ -109,6 +133,7 @@ class PoolSettings:
             "eject_backoff",
             "max_eject_backoff",
             "reap_interval",
+            "stuck_after",
         ):
             check_seconds(name, getattr(self, name))
         for name in ("idle_timeout", "max_lifetime"):
@@ -136,9 +161,11 @@ class InstanceStatus:
     ejected: bool
     ejections: int
     last_error: str | None
+    held: int = 0
+    max_inflight: int = 1
 
 
-Connector = Callable[..., Connection]
+Connector = Callable[..., PooledConnection]
 
 
 class InstancePool:
@@ -161,11 +188,14 @@ class InstancePool:
         self._settings = settings
         self._clock = clock
         self._connect = connect
-        self._idle: list[Connection] = []  # a stack: the most recently used on top
-        self._open_connections: set[Connection] = set()  # idle and checked out
+        self._max_inflight = settings.inflight_for(instance)
+        self._idle: list[PooledConnection] = []  # a stack: the most recently used on top
+        self._shared: list[PooledConnection] = []  # held, with room for more calls (pipelined)
+        self._open_connections: set[PooledConnection] = set()  # idle and held
+        self._held = 0  # connections held by at least one caller
         self._waiters: deque[AsyncResult] = deque()
         self._waiting = 0
-        self._in_use = 0  # checked out
+        self._in_use = 0  # calls holding a connection (with max_inflight 1: connections held)
         self._checking = 0  # taken off the idle stack for a pre_ping, not yet handed out
         self._opening = 0  # slots reserved by callers whose connect is under way
         self.state = ACTIVE
@@ -179,8 +209,18 @@ class InstancePool:
 
     @property
     def in_use(self) -> int:
-        """Connections checked out now."""
+        """Calls holding a connection now (connections checked out, with ``max_inflight`` 1)."""
         return self._in_use
+
+    @property
+    def max_inflight(self) -> int:
+        """Calls at once on one connection of this pool."""
+        return self._max_inflight
+
+    @property
+    def capacity(self) -> int:
+        """Calls this pool can carry at once: ``max_connections`` times ``max_inflight``."""
+        return self._settings.max_connections * self._max_inflight
 
     @property
     def waiting(self) -> int:
@@ -196,11 +236,12 @@ class InstancePool:
         """Whether a caller would get a connection without waiting."""
         return self._waiting == 0 and (
             bool(self._idle)
-            or self._in_use + self._checking + len(self._idle) + self._opening
+            or bool(self._shared)
+            or self._held + self._checking + len(self._idle) + self._opening
             < self._settings.max_connections
         )
 
-    def acquire(self, deadline: float) -> Connection:
+    def acquire(self, deadline: float) -> PooledConnection:
         """A connection for one caller, by ``deadline`` at the latest (clock seconds).
 
         Raises :class:`ConnectError` (nothing sent; the failure counts towards ejection),
@@ -221,14 +262,29 @@ class InstancePool:
                     self._discard(connection)  # retired, closed or ejected during the ping
                     raise PoolClosedError(f"pool of {self.name} is {self.state}")
                 self._discard(connection)
-            if self._in_use + self._checking + self._opening < self._settings.max_connections:
+            if self._shared:
+                least = self._least_loaded()
+                if least is not None:
+                    return self._take(least)
+            if self._held + self._checking + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
                 return self._take(self._open(deadline))
         return self._wait(deadline)
 
+    def _least_loaded(self) -> PooledConnection | None:
+        """The shared connection with the fewest callers (broken ones leave the list)."""
+        shared = self._shared
+        best: PooledConnection | None = None
+        for connection in list(shared):
+            if connection.broken:
+                shared.remove(connection)
+            elif best is None or connection.holders < best.holders:
+                best = connection
+        return best
+
     def call(
         self,
-        connection: Connection,
+        connection: PooledConnection,
         method: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -245,43 +301,71 @@ class InstancePool:
             self.record_success()
         return result
 
-    def _take(self, connection: Connection) -> Connection:
-        """Count ``connection`` as checked out by the caller it is handed to."""
-        connection.checked_out = True
+    def _take(self, connection: PooledConnection) -> PooledConnection:
+        """Count ``connection`` as held by (one more) caller it is handed to."""
+        holders = connection.holders
+        if holders == 0:
+            self._held += 1
+        connection.holders = holders = holders + 1
         self._in_use += 1
         self.checkouts += 1
+        if self._max_inflight > 1:  # pipelined: shared while it has room
+            if holders == 1 and holders < self._max_inflight:
+                self._shared.append(connection)
+            elif holders == self._max_inflight:
+                self._shared.remove(connection)
         return connection
 
-    def release(self, connection: Connection) -> None:
-        """Check ``connection`` back in: to the oldest waiter, to the idle stack, or closed
-        (broken, past its lifetime, or the pool is not active). Raises PoolError, changing
-        nothing, for a connection this pool did not hand out or that was released already."""
-        if not connection.checked_out or connection not in self._open_connections:
+    def release(self, connection: PooledConnection) -> None:
+        """Check a caller's hold on ``connection`` back in: to the oldest waiter, to the idle
+        stack (or, pipelined, to the connections with room), or closed (broken, past its
+        lifetime, or the pool is not active) once nobody holds it. Raises PoolError, changing
+        nothing, for a connection this pool did not hand out or that was released already
+        (pipelined: by more callers than held it)."""
+        if connection.holders <= 0 or connection not in self._open_connections:
             raise PoolError(
                 f"release of a connection to {self.name} that is not checked out from this"
                 " pool (released twice?)"
             )
-        connection.checked_out = False
+        connection.holders = holders = connection.holders - 1
         self._in_use -= 1
+        if holders == 0:
+            self._held -= 1
         # last_used was stamped when its call ended: no second clock read on the hot path
         if (
             connection.broken
             or self.state is not ACTIVE
             or connection.last_used >= connection.expires_at
         ):
-            self._discard(connection)
-            self._grant_slot()
+            if self._max_inflight > 1 and connection in self._shared:
+                self._shared.remove(connection)
+            if holders == 0:
+                self._discard(connection)
+                self._grant_slot()
             return
-        self._deliver(connection)
+        if self._max_inflight > 1 and holders == self._max_inflight - 1:
+            self._shared.append(connection)  # room again: for the oldest waiter, or anyone
+            self._hand_over(connection)
+            return
+        if holders == 0:
+            if self._max_inflight > 1:
+                self._shared.remove(connection)
+            self._deliver(connection)
 
-    def _deliver(self, connection: Connection) -> None:
+    def _hand_over(self, connection: PooledConnection) -> bool:
+        """Give a hold on ``connection`` to the oldest waiter, if one is still waiting."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if waiter.ready():
                 continue  # it left already
             waiter.set(self._take(connection))
-            return
-        self._idle.append(connection)
+            return True
+        return False
+
+    def _deliver(self, connection: PooledConnection) -> None:
+        """A connection nobody holds: to the oldest waiter, or onto the idle stack."""
+        if not self._hand_over(connection):
+            self._idle.append(connection)
 
     def _grant_slot(self) -> None:
         """Give a free slot to the oldest waiter, which will open a connection with it."""
@@ -289,7 +373,7 @@ class InstancePool:
             return
         while (
             self._waiters
-            and self._in_use + self._checking + len(self._idle) + self._opening
+            and self._held + self._checking + len(self._idle) + self._opening
             < self._settings.max_connections
         ):
             waiter = self._waiters.popleft()
@@ -299,7 +383,7 @@ class InstancePool:
             waiter.set(_OPEN_SLOT)
             return
 
-    def _open(self, deadline: float) -> Connection:
+    def _open(self, deadline: float) -> PooledConnection:
         """Open a connection in the slot the caller reserved (``_opening`` counts it)."""
         settings = self._settings
         lifetime = float("inf")
@@ -314,6 +398,8 @@ class InstancePool:
                 lifetime=lifetime,
                 clock=self._clock,
                 limits=settings.limits,
+                max_inflight=self._max_inflight,
+                stuck_after=settings.stuck_after,
             )
         except BaseException as error:
             self._opening -= 1
@@ -329,7 +415,7 @@ class InstancePool:
             raise PoolClosedError(f"pool of {self.name} is {self.state}")
         return connection
 
-    def _wait(self, deadline: float) -> Connection:
+    def _wait(self, deadline: float) -> PooledConnection:
         now = self._clock()
         timeout = min(deadline - now, self._settings.pool_timeout)
         if timeout <= 0:
@@ -352,8 +438,8 @@ class InstancePool:
         if value is _SHUT or value is _EJECTED:
             reason = "was ejected" if value is _EJECTED else f"is {self.state}"
             raise PoolClosedError(f"pool of {self.name} {reason}")
-        assert isinstance(value, Connection)
-        return value
+        connection: PooledConnection = value
+        return connection
 
     def _abandon(self, waiter: AsyncResult) -> None:
         """The waiter leaves: pass on whatever was handed to it meanwhile."""
@@ -364,7 +450,7 @@ class InstancePool:
         if value is _OPEN_SLOT:
             self._opening -= 1
             self._grant_slot()
-        elif isinstance(value, Connection):
+        elif value is not _CANCELLED and value is not _SHUT and value is not _EJECTED:
             self.checkouts -= 1
             self.release(value)
 
@@ -374,7 +460,7 @@ class InstancePool:
             self._service_name, self.max_connections, self._in_use, self._waiting, waited
         )
 
-    def _ping(self, connection: Connection, deadline: float) -> bool:
+    def _ping(self, connection: PooledConnection, deadline: float) -> bool:
         """Whether ``connection`` (off the idle stack) answers ``pre_ping``; while it is being
         asked it counts against the cap, so no second socket is opened meanwhile."""
         method = self._settings.pre_ping
@@ -397,7 +483,7 @@ class InstancePool:
         self._checking -= 1
         return answered
 
-    def _discard(self, connection: Connection) -> None:
+    def _discard(self, connection: PooledConnection) -> None:
         connection.close()
         self._open_connections.discard(connection)
         self.closed += 1
@@ -412,7 +498,7 @@ class InstancePool:
             return False
         if self._ejected_until is None:
             return True
-        return now >= self._ejected_until and self._in_use + self._checking + self._opening == 0
+        return now >= self._ejected_until and self._held + self._checking + self._opening == 0
 
     def record_success(self) -> None:
         """A call succeeded: the consecutive failures end, an ejection is over."""
@@ -462,8 +548,8 @@ class InstancePool:
         before it is closed, so no borrower can receive it."""
         now = self._clock()
         idle_timeout = self._settings.idle_timeout
-        keep: list[Connection] = []
-        doomed: list[Connection] = []
+        keep: list[PooledConnection] = []
+        doomed: list[PooledConnection] = []
         surplus = len(self._idle) - self._settings.min_idle
         for connection in self._idle:  # oldest (least recently used) first
             stale = idle_timeout is not None and now - connection.last_used >= idle_timeout
@@ -473,6 +559,10 @@ class InstancePool:
             else:
                 keep.append(connection)
         self._idle[:] = keep  # before anything can yield (a log pipeline may)
+        if self._max_inflight > 1:  # held pipelined connections whose late replies never came
+            for connection in list(self._open_connections):
+                if connection.holders and not connection.broken and connection.overdue(now):
+                    connection.fail_stuck(now)
         for connection in doomed:
             self.reaped += 1
             self._discard(connection)
@@ -491,7 +581,7 @@ class InstancePool:
             self.state is ACTIVE
             and self.available(self._clock())
             and len(self._idle) + self._opening < settings.min_idle
-            and self._in_use + self._checking + len(self._idle) + self._opening
+            and self._held + self._checking + len(self._idle) + self._opening
             < settings.max_connections
         ):
             self._opening += 1
@@ -550,4 +640,6 @@ class InstancePool:
             ejected=ejected,
             ejections=self.ejections,
             last_error=self.last_error,
+            held=self._held,
+            max_inflight=self._max_inflight,
         )

@@ -1,0 +1,187 @@
+"""Pipelined connections (``max_inflight`` above 1) over real sockets: many calls share one
+connection, every caller gets its own reply, a deadline costs the caller and not the
+connection, and anything that is not the reply to a waiting call breaks the connection with a
+typed error for every call on it."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from geventpool.client.pool import PoolSettings
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.instance import Instance
+from geventpool.errors import (
+    CallTimeoutError,
+    ConnectionClosedError,
+    ProtocolViolationError,
+    TransportError,
+)
+from geventpool.server.thrift_server import ThriftServer
+from geventpool.testing.apache_peer import generate
+from geventpool.testing.echo import echo_thrift
+from geventpool.testing.processes import ServerProcess
+from helpers import wait_until
+
+CODECS = [
+    ("buffered", "binary"),
+    ("framed", "binary"),
+    ("buffered", "compact"),
+    ("framed", "compact"),
+]
+
+
+@pytest.fixture
+def pipelined() -> Iterator[Callable[..., ServiceClient]]:
+    """``pipelined(port, transport, protocol, **pool)``: a client of the echo server at
+    ``port`` with pipelined connections; stopped after the test."""
+    made: list[ServiceClient] = []
+
+    def make(
+        port: int, transport: str = "buffered", protocol: str = "binary", **pool: Any
+    ) -> ServiceClient:
+        instance = Instance(host="127.0.0.1", port=port, transport=transport, protocol=protocol)
+        options = {"max_connections": 2, "max_inflight": 16, "eject_after": 10_000, **pool}
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "echo",
+            instances=[instance],
+            pool=PoolSettings(**options),
+            call_timeout=5.0,
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.stop()
+
+
+def call_concurrently(client: ServiceClient, callers: int, calls: int) -> dict[str, str]:
+    """Every caller makes ``calls`` echo calls with messages of its own; what came back."""
+    got: dict[str, str] = {}
+
+    def caller(index: int) -> None:
+        for call in range(calls):
+            message = f"caller {index} call {call}"
+            got[message] = client.echo(message)
+
+    gevent.joinall([gevent.spawn(caller, i) for i in range(callers)], timeout=30, raise_error=True)
+    return got
+
+
+@pytest.mark.parametrize(("transport", "protocol"), CODECS)
+def test_concurrent_callers_share_the_connections_and_each_gets_its_own_reply(
+    serve: Callable[..., ThriftServer],
+    pipelined: Callable[..., ServiceClient],
+    transport: str,
+    protocol: str,
+) -> None:
+    server = serve(transport=transport, protocol=protocol)
+    client = pipelined(server.port, transport, protocol)
+    got = call_concurrently(client, callers=100, calls=20)
+    assert len(got) == 2000 and all(reply == message for message, reply in got.items())
+    [status] = client.status().instances
+    assert (status.opened, status.closed, status.in_use, status.held) == (2, 0, 0, 0), status
+    assert server.stats.calls == 2000
+
+
+def test_pipelined_calls_to_an_apache_thrift_server_each_get_their_own_reply(
+    tmp_path: Path, pipelined: Callable[..., ServiceClient]
+) -> None:
+    """Apache Thrift's threaded server reads a connection's next request once it answered
+    the previous one: pipelining works with it too (in order)."""
+    generated = generate(tmp_path / "gen-py")
+    server = ServerProcess(
+        ["serve", "--gen", str(generated)], module="geventpool.testing.apache_peer"
+    ).start()
+    try:
+        assert server.port is not None
+        client = pipelined(server.port)
+        got = call_concurrently(client, callers=50, calls=20)
+        assert len(got) == 1000 and all(reply == message for message, reply in got.items())
+        [status] = client.status().instances
+        assert (status.opened, status.closed) == (2, 0), status
+    finally:
+        server.kill()
+
+
+def test_a_timed_out_call_leaves_its_connection_in_service(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient]
+) -> None:
+    server = serve()
+    client = pipelined(server.port, max_connections=1, max_inflight=8)
+    assert client.echo("first") == "first"
+    with pytest.raises(CallTimeoutError) as caught:
+        client.slow_echo("late reply", 0.3, timeout=0.05)
+    assert caught.value.sent
+    # Queued behind the slow call on the same connection (the server answers in order).
+    got = call_concurrently(client, callers=5, calls=4)
+    assert all(reply == message for message, reply in got.items()) and len(got) == 20
+    gevent.sleep(0.35)  # the late reply arrived meanwhile, and was dropped
+    assert client.echo("after") == "after"
+    [status] = client.status().instances
+    assert (status.opened, status.closed) == (1, 0), status
+
+
+@pytest.mark.parametrize("mode", ["wrong-seqid", "stale", "wrong-name", "trailing"])
+def test_a_reply_to_no_waiting_call_breaks_the_connection_for_every_call_on_it(
+    pipelined: Callable[..., ServiceClient], mode: str
+) -> None:
+    """The hostile server answers in order: the calls queued with the bad one fail typed,
+    none receives another call's reply, and the next calls get a new connection."""
+    server = ServerProcess([], module="geventpool.testing.hostile_server").start()
+    try:
+        assert server.port is not None
+        client = pipelined(server.port, max_connections=1, max_inflight=32)
+        assert client.echo("ok:warm") == "warm"
+        outcomes: dict[int, Any] = {}
+
+        def caller(index: int) -> None:
+            message = mode if index == 5 else f"ok:{index}"
+            try:
+                outcomes[index] = client.echo(message)
+            except (TransportError, ConnectionClosedError) as error:
+                outcomes[index] = error
+
+        gevent.joinall([gevent.spawn(caller, i) for i in range(20)], timeout=10)
+        assert len(outcomes) == 20
+        for index, outcome in outcomes.items():
+            if isinstance(outcome, str):
+                assert outcome == str(index) or (mode == "trailing" and index == 5), outcomes
+        errors = [o for o in outcomes.values() if not isinstance(o, str)]
+        assert errors and any(isinstance(e, ProtocolViolationError) for e in errors), outcomes
+        assert client.echo("ok:next") == "next"
+        [status] = client.status().instances
+        assert status.closed >= 1 and status.in_use == 0, status
+    finally:
+        server.kill()
+
+
+@pytest.mark.gevent_timeout(30)
+def test_a_connection_whose_late_replies_never_come_is_broken_as_stuck(
+    servers: Callable[..., ServerProcess], pipelined: Callable[..., ServiceClient]
+) -> None:
+    server = servers()
+    assert server.port is not None
+    client = pipelined(
+        server.port, max_connections=1, stuck_after=0.3, reap_interval=0.05, pool_timeout=2.0
+    )
+    assert client.echo("before") == "before"
+    server.signal(signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            with pytest.raises(CallTimeoutError) as caught:
+                client.echo("into the void", timeout=0.1)
+            assert caught.value.sent
+        wait_until(lambda: client.status().instances[0].closed == 1, timeout=5)
+    finally:
+        server.signal(signal.SIGCONT)
+    assert client.echo("after") == "after"
+    [status] = client.status().instances
+    assert (status.opened, status.closed) == (2, 1), status
