@@ -101,22 +101,37 @@ class ConnectionBusyError(PoolError):
 class PoolExhaustedError(PoolError):
     """Every connection was busy and none could be opened within the wait.
 
-    ``service``, ``max_connections`` (over all instances tried), ``in_use``, ``waiters`` and
-    ``timeout`` (seconds waited) are attributes as well as part of the message.
+    ``service``, ``max_connections`` (over all instances tried), ``in_use`` (calls holding a
+    connection), ``waiters``, ``timeout`` (seconds waited) and ``capacity`` (the calls they
+    can carry at once: ``max_connections`` unless connections are pipelined) are attributes
+    as well as part of the message.
     """
 
-    def __init__(
-        self, service: str, max_connections: int, in_use: int, waiters: int, timeout: float
+    def __init__(  # noqa: PLR0917 - the numbers of the message, in its order
+        self,
+        service: str,
+        max_connections: int,
+        in_use: int,
+        waiters: int,
+        timeout: float,
+        capacity: int | None = None,
     ) -> None:
         self.service = service
         self.max_connections = max_connections
         self.in_use = in_use
         self.waiters = waiters
         self.timeout = timeout
+        self.capacity = max_connections if capacity is None else capacity
+        if self.capacity == max_connections:
+            busy = f"{in_use} of {max_connections} connections in use"
+        else:
+            busy = (
+                f"{in_use} of {self.capacity} call slots in use"
+                f" ({max_connections} pipelined connections)"
+            )
         super().__init__(
-            f"pool of {service!r} exhausted: {in_use} of {max_connections} connections in use,"
-            f" {waiters} callers waiting, none free within {timeout:.3f}s;"
-            " add server instances or raise max_connections"
+            f"pool of {service!r} exhausted: {busy}, {waiters} callers waiting, none free"
+            f" within {timeout:.3f}s; add server instances or raise max_connections"
         )
 
 

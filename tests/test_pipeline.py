@@ -19,6 +19,7 @@ from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConnectionClosedError,
+    PoolExhaustedError,
     ProtocolViolationError,
     TransportError,
 )
@@ -185,3 +186,34 @@ def test_a_connection_whose_late_replies_never_come_is_broken_as_stuck(
     assert client.echo("after") == "after"
     [status] = client.status().instances
     assert (status.opened, status.closed) == (2, 1), status
+
+
+def test_capacity_is_counted_in_call_slots_and_waiters_are_served_in_order(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient]
+) -> None:
+    server = serve()
+    client = pipelined(server.port, max_connections=1, max_inflight=2, pool_timeout=0.1)
+    slow = [gevent.spawn(client.slow_echo, f"slow {i}", 0.6) for i in range(2)]
+    gevent.sleep(0.1)
+    with pytest.raises(PoolExhaustedError) as caught:
+        client.echo("no slot")
+    assert caught.value.capacity == 2 and caught.value.in_use == 2
+    assert "2 of 2 call slots in use (1 pipelined connections)" in str(caught.value)
+    order: list[int] = []
+
+    def waiter(index: int) -> None:
+        patient.echo(f"waiter {index}", timeout=3.0)
+        order.append(index)
+
+    patient = pipelined(server.port, max_connections=1, max_inflight=2, pool_timeout=2.0)
+    held = [gevent.spawn(patient.slow_echo, f"held {i}", 0.3) for i in range(2)]
+    gevent.sleep(0.05)
+    waiters = []
+    for index in range(6):
+        waiters.append(gevent.spawn(waiter, index))
+        gevent.sleep(0.01)
+    gevent.joinall([*slow, *held, *waiters], timeout=5, raise_error=True)
+    assert [g.value for g in slow] == ["slow 0", "slow 1"]
+    assert sorted(order) == list(range(6)) and order[:2] == [0, 1], order
+    [status] = patient.status().instances
+    assert (status.opened, status.in_use, status.held) == (1, 0, 0), status

@@ -43,6 +43,7 @@ class ExhaustionReporter:
             sum(p.in_use for p in pools),
             sum(p.waiting for p in pools),
             waited,
+            sum(p.capacity for p in pools),
         )
         self.count += 1
         now = self._clock()
@@ -54,6 +55,7 @@ class ExhaustionReporter:
             "error",
             service=self._service_name,
             max_connections=error.max_connections,
+            capacity=error.capacity,
             in_use=error.in_use,
             waiters=error.waiters,
             waited=round(waited, 3),
@@ -63,6 +65,7 @@ class ExhaustionReporter:
                     "instance": p.name,
                     "in_use": p.in_use,
                     "max": p.max_connections,
+                    "capacity": p.capacity,
                     "waiters": p.waiting,
                 }
                 for p in pools

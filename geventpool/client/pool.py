@@ -268,7 +268,7 @@ class InstancePool:
                     return self._take(least)
             if self._held + self._checking + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
-                return self._take(self._open(deadline))
+                return self._opened(self._open(deadline))
         return self._wait(deadline)
 
     def _least_loaded(self) -> PooledConnection | None:
@@ -352,6 +352,15 @@ class InstancePool:
                 self._shared.remove(connection)
             self._deliver(connection)
 
+    def _opened(self, connection: PooledConnection) -> PooledConnection:
+        """Take a new connection for its opener; pipelined, its room goes to the waiters that
+        queued meanwhile."""
+        self._take(connection)
+        if self._max_inflight > 1:
+            while connection.holders < self._max_inflight and self._hand_over(connection):
+                pass
+        return connection
+
     def _hand_over(self, connection: PooledConnection) -> bool:
         """Give a hold on ``connection`` to the oldest waiter, if one is still waiting."""
         while self._waiters:
@@ -434,7 +443,7 @@ class InstancePool:
             self._abandon(waiter)
             raise self.exhausted(timeout)
         if value is _OPEN_SLOT:
-            return self._take(self._open(deadline))
+            return self._opened(self._open(deadline))
         if value is _SHUT or value is _EJECTED:
             reason = "was ejected" if value is _EJECTED else f"is {self.state}"
             raise PoolClosedError(f"pool of {self.name} {reason}")
@@ -457,7 +466,12 @@ class InstancePool:
     def exhausted(self, waited: float) -> PoolExhaustedError:
         """The error for a wait of ``waited`` seconds that found nothing free."""
         return PoolExhaustedError(
-            self._service_name, self.max_connections, self._in_use, self._waiting, waited
+            self._service_name,
+            self.max_connections,
+            self._in_use,
+            self._waiting,
+            waited,
+            self.capacity,
         )
 
     def _ping(self, connection: PooledConnection, deadline: float) -> bool:
