@@ -150,9 +150,20 @@ def _settings(table: _Table, cls: Any) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for spec in fields(cls):
         if table.has(spec.name) and not is_dataclass(spec.default):  # a sub-table: read apart
-            kind = str if spec.default is None else type(spec.default)
-            values[spec.name] = table.get(spec.name, kind)
+            values[spec.name] = table.get(spec.name, _kind(spec))
     return values
+
+
+def _kind(spec: Any) -> type:
+    """The TOML type of a settings field: its default's, or for an optional field (default
+    None) the type its annotation names (``int | None``: int)."""
+    if spec.default is not None:
+        return type(spec.default)
+    annotation = str(spec.type)
+    for kind in (int, float):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str
 
 
 @dataclass(frozen=True)

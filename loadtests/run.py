@@ -66,7 +66,7 @@ SCENARIOS = (
             "GEVENTPOOL_PEAK_USERS": "40",
             "GEVENTPOOL_PEAK_SECONDS": "4",
         },
-        pool="max_connections = 2\npool_timeout = 0.1",
+        pool="max_connections = 2\nmax_inflight = 4\npool_timeout = 0.1",  # 8 calls each
     ),
     Scenario("failover", seconds=9, actions=((2.0, "kill"),), server_session_timeout=2.0),
     Scenario("scale_up", seconds=6, actions=((2.0, "add"),)),

@@ -157,3 +157,17 @@ def test_wire_limits_are_read_from_the_pool_limits_table() -> None:
         parse_config({"services": {"calc": {"pool": {"limits": {"max_dept": 8}}}}}, {}, Path("."))
     with pytest.raises(ConfigurationError, match=r"max_depth must be an int of 1 \.\. 64"):
         parse_config({"services": {"calc": {"pool": {"limits": {"max_depth": 99}}}}}, {}, Path("."))
+
+
+def test_pipelining_settings_are_read_from_the_pool_table() -> None:
+    data = {"services": {"calc": {"pool": {"max_inflight": 8, "stuck_after": 2}}}}
+    pool = parse_config(data, {}, Path(".")).services["calc"].pool
+    assert (pool.max_inflight, pool.stuck_after) == (8, 2.0)
+    assert (
+        parse_config({"services": {"calc": {}}}, {}, Path(".")).services["calc"].pool.max_inflight
+        is None
+    )
+    with pytest.raises(ConfigurationError, match="max_inflight must be int"):
+        parse_config({"services": {"calc": {"pool": {"max_inflight": "8"}}}}, {}, Path("."))
+    with pytest.raises(ConfigurationError, match="max_inflight must be None or an integer >= 1"):
+        parse_config({"services": {"calc": {"pool": {"max_inflight": 0}}}}, {}, Path("."))

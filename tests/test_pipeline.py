@@ -217,3 +217,43 @@ def test_capacity_is_counted_in_call_slots_and_waiters_are_served_in_order(
     assert sorted(order) == list(range(6)) and order[:2] == [0, 1], order
     [status] = patient.status().instances
     assert (status.opened, status.in_use, status.held) == (1, 0, 0), status
+
+
+@pytest.mark.parametrize("concurrency", [32, 1])
+def test_a_slow_call_holds_back_the_calls_behind_it_only_on_an_in_order_server(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient], concurrency: int
+) -> None:
+    server = serve(concurrency=concurrency)
+    client = pipelined(server.port, max_connections=1, max_inflight=16)
+    slow = gevent.spawn(client.slow_echo, "slow", 0.5)
+    gevent.sleep(0.05)  # written first
+    fast = [gevent.spawn(client.echo, f"fast {i}") for i in range(10)]
+    finished_while_slow_ran: list[bool] = []
+
+    def note(greenlet: gevent.Greenlet) -> None:
+        finished_while_slow_ran.append(not slow.ready())
+
+    for greenlet in fast:
+        greenlet.link(note)
+    gevent.joinall([slow, *fast], timeout=5, raise_error=True)
+    assert slow.value == "slow" and [g.value for g in fast] == [f"fast {i}" for i in range(10)]
+    [status] = client.status().instances
+    assert status.opened == 1, status  # all on the one connection
+    expected = concurrency > 1  # out of order: the fast replies overtake the slow one
+    assert finished_while_slow_ran == [expected] * 10
+
+
+def test_clients_pipeline_by_default_with_servers_that_advertise_it(
+    zk_hosts: str, servers: Callable[..., ServerProcess]
+) -> None:
+    servers("--zookeeper", zk_hosts)
+    client = ServiceClient(echo_thrift.Echo, "echo", zookeeper=zk_hosts)
+    try:
+        assert client.echo("hello") == "hello"
+        [status] = client.status().instances
+        assert status.max_inflight == 32
+    finally:
+        client.stop()
+    defaults = PoolSettings()
+    assert defaults.inflight_for(Instance(host="127.0.0.1", port=9)) == 1  # nothing advertised
+    assert PoolSettings(max_inflight=4).inflight_for(Instance(host="127.0.0.1", port=9)) == 4

@@ -41,7 +41,7 @@ from gevent.event import AsyncResult
 
 from geventpool import events
 from geventpool.client.connection import PooledConnection, open_connection
-from geventpool.discovery.instance import Instance
+from geventpool.discovery.instance import OUT_OF_ORDER, PIPELINING, Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConfigurationError,
@@ -55,9 +55,6 @@ from geventpool.validation import check_seconds
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 
 ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
-PIPELINING, OUT_OF_ORDER = "pipelining", "out-of-order"
-"""The registry metadata with which a server advertises that it answers a connection's calls
-concurrently, each reply as soon as it is ready (``ThriftServer`` does)."""
 PIPELINED_INFLIGHT = 32
 """``max_inflight`` by default with an instance that advertises out-of-order replies."""
 _OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a connection

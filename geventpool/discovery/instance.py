@@ -122,6 +122,12 @@ def _frozen_metadata(metadata: object) -> Mapping[str, str]:
     return MappingProxyType(dict(metadata))
 
 
+PIPELINING, OUT_OF_ORDER = "pipelining", "out-of-order"
+"""The metadata with which a server advertises that it answers a connection's calls
+concurrently, each reply as soon as it is ready (:class:`~geventpool.server.ThriftServer`
+does): clients pipeline their calls to it by default."""
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """One server instance of a service, as found in (or written to) the registry.

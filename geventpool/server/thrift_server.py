@@ -17,6 +17,10 @@
   request is walked once however it trickles in, the walk pauses every few thousand values,
   a request must arrive whole within ``request_timeout``, and a connection's pipelined
   requests let the others in every few requests.
+* **Pipelined clients served concurrently.** With ``concurrency`` above 1 (the default,
+  32), a connection's requests run side by side and each reply is written as soon as it is
+  ready, tagged with its sequence id, so a slow call does not hold back the fast ones behind
+  it; a connection with ``concurrency`` calls running is not read until one ends.
 * **No hung callers.** A handler exception not declared in the IDL is logged
   (``server_handler_failed``) and answered with a ``TApplicationException(INTERNAL_ERROR)``;
   the connection stays usable. Declared exceptions reach the caller as declared.
@@ -24,8 +28,9 @@
   accepts, and on stop deregisters first.
 * **Graceful stop** (:meth:`ThriftServer.stop`, or SIGTERM/SIGINT under
   :meth:`ThriftServer.serve_forever`): deregister, wait ``deregister_grace`` seconds for
-  clients to notice, stop accepting, close idle connections, let calls in progress finish and
-  send their replies for up to ``drain_timeout`` seconds, then close what is left.
+  clients to notice, stop accepting, answer every request already received (calls in
+  progress finish and send their replies) for up to ``drain_timeout`` seconds, then close
+  what is left.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from kazoo.client import KazooClient
 from thriftpy2.thrift import TApplicationException
 
 from geventpool import events
-from geventpool.discovery.instance import Instance
+from geventpool.discovery.instance import OUT_OF_ORDER, PIPELINING, Instance
 from geventpool.discovery.registrar import Registrar
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_use
 from geventpool.errors import ConfigurationError, MalformedMessageError
@@ -59,6 +64,7 @@ from geventpool.wire.messages import (
     MESSAGE_TYPES,
     ONEWAY,
     REPLY,
+    Message,
     MessageCodec,
     let_others_run,
     receiver,
@@ -106,16 +112,65 @@ class ServerStats:
 
 
 class _Connection:
-    __slots__ = ("busy", "sock")
+    __slots__ = ("calls", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.busy = False
+        self.calls = 0  # handlers running for it
+
+    @property
+    def busy(self) -> bool:
+        """Whether a handler is running for one of its requests."""
+        return self.calls > 0
 
     def stop_reading(self) -> None:
         """Make a pending or next read see end-of-file; replies can still be written."""
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RD)
+
+
+class _Replies:
+    """The replies of one connection's concurrent calls, written as each is ready: a writer
+    greenlet sends every reply finished in the same turn of the event loop with one
+    ``sendall``. A failed write ends it (the peer is gone); later replies are dropped."""
+
+    __slots__ = ("_closing", "_queue", "_sock", "_wake", "_writer")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._queue: list[bytes] = []
+        self._wake = gevent.event.Event()
+        self._closing = False
+        self._writer = gevent.spawn(self._write_loop)
+
+    def write(self, reply: bytes) -> None:
+        """Queue ``reply`` (a whole encoded message)."""
+        self._queue.append(reply)
+        if len(self._queue) == 1:
+            self._wake.set()
+
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    batch, self._queue = self._queue, []
+                    self._sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                if self._closing:
+                    return
+        except OSError:
+            self._queue = []
+
+    def close(self) -> None:
+        """Send what is queued, then stop (the caller bounds how long it waits)."""
+        self._closing = True
+        self._wake.set()
+        self._writer.join()
+
+    def abort(self) -> None:
+        """Stop now; what is queued is dropped."""
+        self._writer.kill(block=False)
 
 
 class _Dispatcher:
@@ -161,7 +216,7 @@ class _Dispatcher:
         args = codec.decode(body, self._arguments[name](), values)
         result = getattr(self._service, f"{name}_result")()
         given = [getattr(args, field[1]) for field in args.thrift_spec.values()]
-        connection.busy = True
+        connection.calls += 1
         try:
             value = getattr(self._handler, name)(*given)
             problem = self._specs[name].result_problem(value)
@@ -174,7 +229,7 @@ class _Dispatcher:
             if not _declared(error, result):
                 return self._internal_error(codec, name, seqid, error)
         finally:
-            connection.busy = False
+            connection.calls -= 1
         if result.oneway:
             return None
         try:
@@ -207,7 +262,10 @@ class ThriftServer:
 
     Durations are float seconds. ``transport`` and ``protocol`` must match the clients';
     ``limits`` bound every request (see :class:`~geventpool.wire.limits.WireLimits`), and
-    ``request_timeout`` the time from a request's first byte to its last.
+    ``request_timeout`` the time from a request's first byte to its last. ``concurrency``
+    is how many calls of one connection run at once, each replied to as soon as it is done
+    (1: one after another, in order); above 1 the registration says so (metadata
+    ``pipelining: out-of-order``), and geventpool's clients then pipeline their calls.
     """
 
     def __init__(
@@ -226,9 +284,12 @@ class ThriftServer:
         registration: Registration | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
         request_timeout: float = 60.0,
+        concurrency: int = 32,
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, not {concurrency!r}")
         check_seconds("idle_timeout", idle_timeout, optional=True)
         check_seconds("drain_timeout", drain_timeout, zero=True)
         check_seconds("request_timeout", request_timeout)
@@ -253,6 +314,7 @@ class ThriftServer:
         self._protocol = protocol
         MessageCodec(transport, protocol, limits)  # checks both names now
         self._limits = limits
+        self._concurrency = concurrency
         self._dispatcher = _Dispatcher(service, handler, self._handler_failed)
         self._registration = registration
         self._pool = gevent.pool.Pool(max_connections)
@@ -307,10 +369,17 @@ class ThriftServer:
             transport=self._transport,
             protocol=self._protocol,
             version=registration.version,
-            metadata=registration.metadata,
+            metadata=self._advertised(registration.metadata),
         )
         self._registrar = Registrar(client, registration.service, instance, root=registration.root)
         self._registrar.start(timeout=registration.start_timeout)
+
+    def _advertised(self, metadata: Mapping[str, str]) -> Mapping[str, str]:
+        """The registered metadata: with ``concurrency`` above 1, it says that replies come
+        in any order (clients then pipeline by default), unless the caller said otherwise."""
+        if self._concurrency > 1 and PIPELINING not in metadata:
+            return {**metadata, PIPELINING: OUT_OF_ORDER}
+        return metadata
 
     def serve_forever(self) -> None:
         """Start (if needed) and serve until :meth:`stop`, SIGTERM or SIGINT; then return."""
@@ -341,8 +410,8 @@ class ThriftServer:
             self._stream.close()
         self._draining = True
         for connection in list(self._connections):
-            if not connection.busy:
-                connection.stop_reading()
+            # Requests already received are still answered; then the read sees end-of-file.
+            connection.stop_reading()
         if not self._pool.join(timeout=drain_timeout):
             self.stats.killed = sum(1 for c in self._connections if c.busy)
             events.emit(
@@ -400,37 +469,75 @@ class ThriftServer:
             sock.close()
 
     def _serve(self, sock: socket.socket, connection: _Connection) -> None:
-        """Read requests one by one, each checked before it is decoded, and answer them."""
+        """Read requests one by one, each checked before it is decoded, and answer them: one
+        after another, or (``concurrency`` above 1) each in a greenlet of its own, at most
+        ``concurrency`` at once, replying as each finishes."""
         codec = MessageCodec(self._transport, self._protocol, self._limits)
         buffer = bytearray()
         more = receiver(sock, buffer)
         dispatcher = self._dispatcher
         expect = dispatcher.expect
+        replies = _Replies(sock) if self._concurrency > 1 else None
+        running = gevent.pool.Pool(self._concurrency) if replies is not None else None
         served = 0
-        while not self._draining:
-            if not buffer:
-                more(1)  # waits for a request up to the idle timeout (the socket's)
-            try:
-                message = codec.split(buffer, expect, incomplete, let_others_run)
-            except IncompleteMessageError:
-                # The rest is still on its way: it has request_timeout to arrive, however
-                # slowly it trickles (each read alone is bounded by the idle timeout only).
-                late = MalformedMessageError(
-                    f"a request took over request_timeout ({self._request_timeout:g} s) to arrive"
-                )
-                with gevent.Timeout(self._request_timeout, late):
-                    message = codec.split(buffer, expect, more, let_others_run)
-            name, message_type, seqid, body, size, values = message
-            del buffer[:size]
-            reply = dispatcher.answer(codec, name, seqid, body, values, connection)
-            if reply is not None and message_type == CALL:
-                sock.sendall(reply)
-            self.stats.calls += 1
-            served += 1
-            if served % _YIELD_EVERY == 0:
-                # Reads of a busy connection return at once, without a switch: let the
-                # other connections in (whether or not requests are left in the buffer).
-                let_others_run()
+        try:
+            while True:
+                if not buffer:
+                    more(1)  # waits for a request up to the idle timeout (the socket's)
+                try:
+                    message = codec.split(buffer, expect, incomplete, let_others_run)
+                except IncompleteMessageError:
+                    # The rest is still on its way: it has request_timeout to arrive, however
+                    # slowly it trickles (each read alone is bounded by the idle timeout only).
+                    late = MalformedMessageError(
+                        "a request took over request_timeout"
+                        f" ({self._request_timeout:g} s) to arrive"
+                    )
+                    with gevent.Timeout(self._request_timeout, late):
+                        message = codec.split(buffer, expect, more, let_others_run)
+                del buffer[: message[4]]
+                if running is not None:
+                    running.spawn(self._answer, codec, message, connection, replies)
+                else:
+                    name, message_type, seqid, body, _, values = message
+                    reply = dispatcher.answer(codec, name, seqid, body, values, connection)
+                    if reply is not None and message_type == CALL:
+                        sock.sendall(reply)
+                    self.stats.calls += 1
+                served += 1
+                if served % _YIELD_EVERY == 0:
+                    # Reads of a busy connection return at once, without a switch: let the
+                    # other connections in (whether or not requests are left in the buffer).
+                    let_others_run()
+        finally:
+            if running is not None and replies is not None:
+                try:
+                    running.join()  # the calls in progress reply (stop() bounds the wait)
+                    replies.close()
+                except BaseException:  # killed by the drain timeout: nothing may outlive it
+                    running.kill(block=False)
+                    replies.abort()
+                    raise
+
+    def _answer(
+        self, codec: MessageCodec, message: Message, connection: _Connection, replies: _Replies
+    ) -> None:
+        """Answer one request of a connection served concurrently."""
+        name, message_type, seqid, body, _, values = message
+        try:
+            reply = self._dispatcher.answer(codec, name, seqid, body, values, connection)
+        except MalformedMessageError as error:  # undecodable after its walk: drop the peer
+            events.emit(
+                events.SERVER_CONNECTION_ERROR,
+                "warning",
+                port=self.port,
+                error=error.reason[:200],
+            )
+            connection.stop_reading()
+            return
+        self.stats.calls += 1
+        if reply is not None and message_type == CALL:
+            replies.write(reply)
 
     def _handler_failed(self, api: str, error: Exception) -> None:
         self.stats.handler_errors += 1
