@@ -26,7 +26,8 @@ def test_the_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     clients = {row["client"] for row in results["throughput"]}
-    assert len(clients) == 7 and "geventpool, one instance" in clients
+    assert len(clients) == 9 and "geventpool, one instance" in clients
+    assert "geventpool pipelined, 2 connections" in clients
     assert all(row["calls_per_second"] > 0 for row in results["throughput"])
     assert [p["callers"] for p in results["pool_cost"]["callers"]] == [10, 100, 1000, 10_000]
     assert results["behaviour"]["many_instances"] == 1000

@@ -145,10 +145,13 @@ def test_bytes_that_are_not_utf8_for_a_string_are_refused_before_sending(
     assert (instance.opened, instance.closed, instance.ejected) == (1, 0, False)
 
 
+@pytest.mark.parametrize("max_inflight", [1, 8])
 def test_greenlets_sharing_a_borrowed_connection_get_a_typed_error_and_nothing_mixes(
-    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient], max_inflight: int
 ) -> None:
-    client = make_client(instances=at(serve()), pool=settings(max_connections=1))
+    client = make_client(
+        instances=at(serve()), pool=settings(max_connections=1, max_inflight=max_inflight)
+    )
     with client.connection() as pinned:
         first = gevent.spawn(pinned.slow_echo, "first", 0.2)
         gevent.sleep(0.05)  # the first call is on the wire

@@ -8,13 +8,15 @@ from typing import Any
 from geventpool.client.connection import PooledConnection
 from geventpool.client.pool import InstancePool
 from geventpool.discovery.instance import Instance
-from geventpool.errors import ConnectionClosedError
+from geventpool.errors import ConnectionBusyError, ConnectionClosedError
 
 
 class PinnedConnection:
     """One borrowed connection; ``c.add(1, 2)`` calls on it, each call bounded by ``limit``
     seconds (see :meth:`~geventpool.client.service.ServiceClient.connection`).
 
+    It makes one call at a time, pipelined connection or not: a second greenlet calling
+    meanwhile gets :class:`~geventpool.errors.ConnectionBusyError`, and nothing is sent.
     Once the ``with`` block ends the connection is back in the pool, perhaps with another
     caller: calls then raise :class:`~geventpool.errors.ConnectionClosedError` (a
     :class:`~geventpool.errors.PoolError`), as they do once a call on it failed.
@@ -30,6 +32,7 @@ class PinnedConnection:
     ) -> None:
         self._methods = methods
         self.returned = False
+        self._calling = False
         self._pool = pool
         self._connection = connection
         self._limit = limit
@@ -49,7 +52,13 @@ class PinnedConnection:
                 raise ConnectionClosedError(
                     str(self._connection.instance), method, "the connection went back to its pool"
                 )
+            if self._calling:  # one call at a time, as on a connection of one's own
+                raise ConnectionBusyError(str(self._connection.instance), method)
             deadline = self._clock() + self._limit
-            return self._pool.call(self._connection, method, args, kwargs, deadline)
+            self._calling = True
+            try:
+                return self._pool.call(self._connection, method, args, kwargs, deadline)
+            finally:
+                self._calling = False
 
         return remote

@@ -51,7 +51,7 @@ from geventpool.client.source import RegistryInstances, StaticInstances
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.membership import Membership
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
-from geventpool.errors import ConfigurationError, PoolClosedError
+from geventpool.errors import ConfigurationError, ConnectionClosedError, PoolClosedError
 from geventpool.validation import check_seconds
 
 
@@ -212,16 +212,24 @@ class ServiceClient:
     def call(self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` on one instance and return its result (or raise what it raised).
 
-        ``timeout`` is this call's total deadline in seconds (default ``call_timeout``).
+        ``timeout`` is this call's total deadline in seconds (default ``call_timeout``). A
+        call whose request was never written because its (pipelined) connection broke first
+        is made once more on another connection, within the same deadline.
         """
         if not self._started or self._forked:
             self._ensure_started()
         deadline = self._clock() + (self._call_timeout if timeout is None else timeout)
-        pool, connection = self._checkout(deadline)
-        try:
-            return pool.call(connection, method, args, kwargs, deadline)
-        finally:
-            pool.release(connection)
+        again = True  # once more if nothing was sent: a shared connection broke under it
+        while True:
+            pool, connection = self._checkout(deadline)
+            try:
+                return pool.call(connection, method, args, kwargs, deadline)
+            except ConnectionClosedError:
+                if not again:
+                    raise
+                again = False
+            finally:
+                pool.release(connection)
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[PinnedConnection]:
