@@ -10,9 +10,10 @@ with 60 greenlets for about 12 seconds while it:
 * floods the client with 200 slow callers (the pools are exhausted: PoolExhaustedError, a
   pool_exhausted event, and an alert to the operators' webhook, resolved once the flood ends),
 
-printing once a second the calls per second, errors by type, each instance's share and pool
-state. Everything it started is stopped at the end, also on Ctrl-C or failure, and a summary
-is printed. Exits 0 when the run behaved as designed.
+printing once a second the calls per second and the connections they share (the client
+pipelines: the servers advertise out-of-order replies), errors by type, each instance's share
+and pool state. Everything it started is stopped at the end, also on Ctrl-C or failure, and a
+summary is printed. Exits 0 when the run behaved as designed.
 """
 
 from __future__ import annotations
@@ -109,12 +110,17 @@ def report(client: ServiceClient, tally: Tally) -> None:
         shares = " ".join(
             f"{name.rsplit(':', 1)[1]}:{100 * n // total}%" for name, n in sorted(share.items())
         )
+        status = client.status().instances
         pools = " ".join(
-            f"{s.instance.rsplit(':', 1)[1]}[{s.in_use}/{s.max_connections} {s.state}]"
-            for s in client.status().instances
+            f"{s.instance.rsplit(':', 1)[1]}[{s.in_use} calls on {s.held + s.idle} conns {s.state}]"
+            for s in status
         )
+        connections = sum(s.held + s.idle for s in status)
         failed = ", ".join(f"{name} {n}" for name, n in errors.items()) or "none"
-        say(f"{ok:5d} calls/s | errors: {failed} | share {shares} | pools {pools}")
+        say(
+            f"{ok:5d} calls/s on {connections} connections | errors: {failed}"
+            f" | share {shares} | pools {pools}"
+        )
 
 
 def show_alerts(webhook: HttpReceiver) -> None:
@@ -166,7 +172,9 @@ def main() -> int:
             echo_thrift.Echo,
             "echo",
             zookeeper=zookeeper.hosts,
-            pool=PoolSettings(max_connections=8, pool_timeout=0.2, eject_after=3),
+            # Pipelined (the servers advertise out-of-order replies): 2 connections per
+            # instance carry 16 calls each, so the flood below exhausts them.
+            pool=PoolSettings(max_connections=2, max_inflight=16, pool_timeout=0.2, eject_after=3),
         )
         client.start()
         stack.callback(client.stop)
@@ -194,9 +202,10 @@ def main() -> int:
         say(f"new server {newcomer.address} registered")
 
         gevent.sleep(2.0)
+        slots = sum(s.max_connections * s.max_inflight for s in client.status().instances)
         say(
-            f"{FLOOD} slow callers arrive:"
-            f" more than the {client.status().max_connections} connections"
+            f"{FLOOD} slow callers arrive: more than the {slots} call slots"
+            " (connections times max_inflight)"
         )
         flood = [gevent.spawn(one_call, client, tally, 0.3) for _ in range(FLOOD)]
         gevent.joinall(flood)
