@@ -78,6 +78,7 @@ def test_the_client_calls_an_apache_thrift_server(
         assert client.add(2**62, 2**62 - 1) == 2**63 - 1
         assert client.add(-(2**63), 0) == -(2**63)
         assert client.ping() is None
+        assert client.notify("fire and forget") is None  # oneway: no reply awaited
         assert client.whoami() == server.address
         with pytest.raises(echo_thrift.Refused) as refused:
             client.refuse("no thanks")

@@ -25,7 +25,7 @@ from geventpool.errors import (
 )
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.apache_peer import generate
-from geventpool.testing.echo import echo_thrift
+from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.processes import ServerProcess
 from helpers import wait_until
 
@@ -257,3 +257,23 @@ def test_clients_pipeline_by_default_with_servers_that_advertise_it(
     defaults = PoolSettings()
     assert defaults.inflight_for(Instance(host="127.0.0.1", port=9)) == 1  # nothing advertised
     assert PoolSettings(max_inflight=4).inflight_for(Instance(host="127.0.0.1", port=9)) == 4
+
+
+@pytest.mark.parametrize("max_inflight", [1, 2])
+def test_oneway_calls_return_once_written_and_take_no_reply_slot(
+    pipelined: Callable[..., ServiceClient], max_inflight: int
+) -> None:
+    handler = EchoHandler("x")
+    server = ThriftServer(echo_thrift.Echo, handler, deregister_grace=0.0)
+    server.start()
+    try:
+        client = pipelined(server.port, max_connections=1, max_inflight=max_inflight)
+        notes = [gevent.spawn(client.notify, f"note {i}") for i in range(50)]
+        gevent.joinall(notes, timeout=5, raise_error=True)
+        assert [g.value for g in notes] == [None] * 50
+        assert client.echo("after the notes") == "after the notes"  # the stream is in step
+        assert sorted(handler.notified) == sorted(f"note {i}" for i in range(50))
+        [status] = client.status().instances
+        assert (status.opened, status.closed, status.in_use) == (1, 0, 0), status
+    finally:
+        server.stop(drain_timeout=1.0)

@@ -75,6 +75,7 @@ class _Handler:
     def __init__(self, ttypes: Any, name: str) -> None:
         self._ttypes = ttypes
         self.name = name
+        self.notified: list[str] = []
 
     def echo(self, msg: str) -> str:
         return msg
@@ -104,6 +105,9 @@ class _Handler:
     def items(self, count: int) -> list[Any]:
         item = self._ttypes.Item
         return [item(id=i, name=f"item {i}") for i in range(min(count, 100_000))]
+
+    def notify(self, msg: str) -> None:
+        self.notified.append(msg)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -135,6 +139,7 @@ def _call(args: argparse.Namespace) -> int:
     out["add"] = client.add(2**62, 2**62 - 1)
     out["add_negative"] = client.add(-(2**63), 0)
     out["ping"] = client.ping()
+    client.notify("from apache")  # oneway: the next reply must still be whoami's
     out["whoami"] = client.whoami()
     out["slow_echo"] = client.slow_echo("later", 0.05)
     try:

@@ -6,6 +6,7 @@ locustfiles and tests can use it; ``geventpool.testing.echo_server`` runs it in 
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class EchoHandler:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.notified: collections.deque[str] = collections.deque(maxlen=1000)
 
     def echo(self, msg: str) -> str:
         return msg
@@ -56,3 +58,6 @@ class EchoHandler:
 
     def items(self, count: int) -> list[Any]:
         return [echo_thrift.Item(id=i, name=f"item {i}") for i in range(min(count, 100_000))]
+
+    def notify(self, msg: str) -> None:
+        self.notified.append(msg)

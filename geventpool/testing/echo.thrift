@@ -28,4 +28,6 @@ service Echo {
   map<i32, binary> table(1: map<string, i32> counts),
   // `count` records (at most 100,000): a list of structs.
   list<Item> items(1: i32 count),
+  // Oneway: no reply; the handler keeps the last 1,000 messages.
+  oneway void notify(1: string msg),
 }

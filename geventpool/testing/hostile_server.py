@@ -86,6 +86,8 @@ class Hostile:
             return
         if name != "echo":
             result = getattr(echo_thrift.Echo, f"{name}_result")()
+            if result.oneway:
+                return
             if name == "whoami":
                 result.success = "hostile"
             self.sock.sendall(self.codec.encode(name, REPLY, seqid, result))
