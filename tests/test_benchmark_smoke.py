@@ -30,12 +30,19 @@ def test_the_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert "geventpool pipelined, 2 connections" in clients
     assert all(row["calls_per_second"] > 0 for row in results["throughput"])
     assert [p["callers"] for p in results["pool_cost"]["callers"]] == [10, 100, 1000, 10_000]
+    sweep = results["pipelining"]["sweep"]
+    assert {(r["callers"], r["connections"]) for r in sweep} == {
+        (callers, connections) for callers in (10, 100, 1000) for connections in (1, 2, 10)
+    }
+    assert all(r["ratio_to_raw"] > 0 for r in sweep)
+    assert len(results["pipelining"]["mixed"]) == 3
+    assert all(r["fast_p99_ms"] > 0 for r in results["pipelining"]["mixed"])
     assert results["behaviour"]["many_instances"] == 1000
     for row in results["hostile"]["client"]:  # a typed error, but for the valid reply
         assert (row["error"] == "none") == ("valid" in row["case"]), row
     assert all(row["closed"] for row in results["hostile"]["server"])
     report = (tmp_path / "README.md").read_text()
     assert "## Targets" in report and "## Reading these figures" in report
-    assert "## Hostile input" in report
+    assert "## Hostile input" in report and "## Pipelining across callers" in report
     for plot in ("throughput.png", "latency.png", "pool_cost.png"):
         assert (tmp_path / plot).stat().st_size > 10_000

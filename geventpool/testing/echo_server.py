@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deregister-grace", type=float, default=0.5)
     parser.add_argument("--transport", default="buffered")
     parser.add_argument("--protocol", default="binary")
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="calls of one connection at once (1: in order)"
+    )
     args = parser.parse_args(argv)
 
     structlog.configure(
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         transport=args.transport,
         protocol=args.protocol,
         registration=registration,
+        concurrency=args.concurrency,
     )
     server.start()
     handler.name = f"127.0.0.1:{server.port}"
