@@ -212,10 +212,12 @@ class PipelinedConnection:
                     for call in batch:
                         if call.spec.oneway:
                             self._hub.loop.run_callback(call.waiter.switch, None)
-        except (OSError, EOFError) as error:
-            self._break(error)
         except gevent.GreenletExit:
             pass
+        except BaseException as error:  # every caller must learn of it
+            self._break(error)
+            if not isinstance(error, (OSError, EOFError)):
+                raise  # a bug: the hub prints it
 
     def _read_loop(self) -> None:
         """Read replies and hand each to its caller, until the connection breaks."""
@@ -235,10 +237,12 @@ class PipelinedConnection:
                     late.pop(seqid, None)  # its caller left: dropped
                     continue
                 run_callback(call.waiter.switch, (message_type, body, values))
-        except (OSError, EOFError, MalformedMessageError) as error:
-            self._break(error)
         except gevent.GreenletExit:
             pass
+        except BaseException as error:  # every caller must learn of it
+            self._break(error)
+            if not isinstance(error, (OSError, EOFError, MalformedMessageError)):
+                raise  # a bug: the hub prints it
 
     def _expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any]:
         call = self._pending.get(seqid) or self._late.get(seqid)
