@@ -209,16 +209,16 @@ def test_other_callers_are_served_while_a_hostile_reply_streams_in(
 def test_random_near_valid_replies_give_the_right_result_or_a_typed_error(
     client_of: Callable[..., ServiceClient], transport: str, protocol: str
 ) -> None:
-    """300 replies with one to three random bytes changed, cut or added: each call returns
-    a string (the right one, or the reply's own text if a change fell inside it: the message
-    is still this call's reply) or raises a typed error within its deadline, and the next
-    call always gets its own reply."""
+    """750 replies per codec (3,000 in all) with one to three random bytes changed, cut or
+    added: each call returns a string (the right one, or the reply's own text if a change
+    fell inside it: the message is still this call's reply) or raises a typed error within
+    its deadline, and the next call always gets its own reply."""
     client = client_of(transport, protocol, pool_timeout=5.0)
     outcomes: dict[str, int] = {}
     seeds = random.Random(f"{transport}-{protocol}")
-    for _ in range(300):
+    for _ in range(750):
         try:  # a change that makes the reply look longer is waited for: keep the deadline short
-            result = client.echo(f"mutate:{seeds.randrange(2**32)}", timeout=0.05)
+            result = client.echo(f"mutate:{seeds.randrange(2**32)}", timeout=0.03)
             outcome = "result" if result == "mutated" else f"other {type(result).__name__}"
         except GeventPoolError as error:
             outcome = type(error).__name__
