@@ -348,3 +348,37 @@ def test_a_connection_s_pipelined_requests_let_other_connections_in(size: int, c
     assert len(flooded) == count
     between = [msg for msg in order[flooded[0] : flooded[-1]] if msg == "other"]
     assert between, "no other call was answered while the pipelined requests were"
+
+
+@pytest.mark.gevent_timeout(60)
+def test_a_client_that_never_reads_its_replies_is_no_longer_read(tmp_path: Path) -> None:
+    """Calls of one connection run concurrently and queue their replies: a peer that sends
+    requests and never reads the replies must not make the server hold them all. Once
+    MAX_UNSENT bytes wait, the calls wait, and the server stops reading the connection."""
+    server = ServerProcess([], log_path=tmp_path / "server.log").start()
+    assert server.port is not None
+    codec = MessageCodec("buffered", "binary")
+    request = codec.encode("echo", CALL, 1, echo_thrift.Echo.echo_args(msg="x" * 10_000))
+    offered = 20_000  # 200 MB of requests, whose replies would be as large
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)
+        before = _rss(server.pid)
+        with gevent.Timeout(5, False):  # bounded: until the server stops reading
+            for _ in range(offered):
+                sock.sendall(request)
+                sent += 1
+        gevent.sleep(0.5)
+        grown = _rss(server.pid) - before
+    server.kill()
+    print(f"{sent} of {offered} requests sent; server memory grew {grown / 2**20:.1f} MiB")
+    assert sent < offered / 4, sent  # it stopped reading: 50 MB at most got through
+    assert grown < 64 << 20, grown / 2**20
+
+
+def _rss(pid: int) -> int:
+    """The resident memory of process ``pid``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0

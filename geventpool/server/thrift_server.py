@@ -72,6 +72,9 @@ from geventpool.wire.messages import (
 from geventpool.wire.scan import IncompleteMessageError, incomplete
 
 _YIELD_EVERY = 16  # requests answered in a row without blocking, before letting others run
+MAX_UNSENT = 1 << 20
+"""Bytes of a connection's replies written by its calls but not yet read by its peer, past
+which its calls wait to queue theirs (and its requests are no longer read)."""
 
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -132,22 +135,34 @@ class _Connection:
 class _Replies:
     """The replies of one connection's concurrent calls, written as each is ready: a writer
     greenlet sends every reply finished in the same turn of the event loop with one
-    ``sendall``. A failed write ends it (the peer is gone); later replies are dropped."""
+    ``sendall``. Replies not yet sent are bounded: past :data:`MAX_UNSENT` bytes the call
+    that queues one waits (holding its slot, so the connection's requests are no longer
+    read) until the peer reads. A failed write ends it (the peer is gone); later replies are
+    dropped."""
 
-    __slots__ = ("_closing", "_queue", "_sock", "_wake", "_writer")
+    __slots__ = ("_closing", "_failed", "_queue", "_room", "_sock", "_unsent", "_wake", "_writer")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._queue: list[bytes] = []
+        self._unsent = 0
         self._wake = gevent.event.Event()
-        self._closing = False
+        self._room = gevent.event.Event()
+        self._room.set()
+        self._closing = self._failed = False
         self._writer = gevent.spawn(self._write_loop)
 
     def write(self, reply: bytes) -> None:
-        """Queue ``reply`` (a whole encoded message)."""
+        """Queue ``reply`` (a whole encoded message); wait while too much is unsent."""
+        if self._failed:
+            return
         self._queue.append(reply)
+        self._unsent += len(reply)
         if len(self._queue) == 1:
             self._wake.set()
+        if self._unsent > MAX_UNSENT:
+            self._room.clear()
+            self._room.wait()
 
     def _write_loop(self) -> None:
         try:
@@ -156,11 +171,17 @@ class _Replies:
                 self._wake.clear()
                 while self._queue:
                     batch, self._queue = self._queue, []
-                    self._sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                    data = batch[0] if len(batch) == 1 else b"".join(batch)
+                    self._sock.sendall(data)
+                    self._unsent -= len(data)
+                    if self._unsent <= MAX_UNSENT:
+                        self._room.set()
                 if self._closing:
                     return
         except OSError:
-            self._queue = []
+            self._failed = True
+            self._queue, self._unsent = [], 0
+            self._room.set()
 
     def close(self) -> None:
         """Send what is queued, then stop (the caller bounds how long it waits)."""
@@ -171,6 +192,8 @@ class _Replies:
     def abort(self) -> None:
         """Stop now; what is queued is dropped."""
         self._writer.kill(block=False)
+        self._failed = True
+        self._room.set()
 
 
 class _Dispatcher:
