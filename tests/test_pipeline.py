@@ -219,6 +219,22 @@ def test_capacity_is_counted_in_call_slots_and_waiters_are_served_in_order(
     assert (status.opened, status.in_use, status.held) == (1, 0, 0), status
 
 
+def test_status_shows_the_calls_in_flight_on_each_connection(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient]
+) -> None:
+    """A connection with room takes the next call before another is opened, so four calls
+    with room for three on each connection are three on one and one on the other."""
+    server = serve()
+    client = pipelined(server.port, max_connections=2, max_inflight=3)
+    slow = [gevent.spawn(client.slow_echo, f"slow {i}", 0.4) for i in range(4)]
+    gevent.sleep(0.15)
+    [status] = client.status().instances
+    assert (status.inflight, status.in_use, status.held) == ((3, 1), 4, 2), status
+    gevent.joinall(slow, timeout=5, raise_error=True)
+    [status] = client.status().instances
+    assert (status.inflight, status.in_use, status.idle) == ((0, 0), 0, 2), status
+
+
 @pytest.mark.parametrize("concurrency", [32, 1])
 def test_a_slow_call_holds_back_the_calls_behind_it_only_on_an_in_order_server(
     serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient], concurrency: int

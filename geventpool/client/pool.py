@@ -160,6 +160,8 @@ class InstanceStatus:
     last_error: str | None
     held: int = 0
     max_inflight: int = 1
+    #: Calls in flight on each open connection, most loaded first (idle ones count 0).
+    inflight: tuple[int, ...] = ()
 
 
 Connector = Callable[..., PooledConnection]
@@ -653,4 +655,5 @@ class InstancePool:
             last_error=self.last_error,
             held=self._held,
             max_inflight=self._max_inflight,
+            inflight=tuple(sorted((c.holders for c in self._open_connections), reverse=True)),
         )
