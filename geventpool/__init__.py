@@ -29,6 +29,7 @@ from geventpool.errors import (
     RegistrationError,
     RegistryError,
     RetriesExhaustedError,
+    RetryBudgetExhaustedError,
     TransportError,
     ZooKeeperUnavailableError,
 )
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     )
     from geventpool.alerts.policy import AlertSettings
     from geventpool.client.pool import InstanceStatus, PoolSettings
+    from geventpool.client.retrying import Retry, RetryBudget
     from geventpool.client.service import ServiceClient, ServiceStatus
     from geventpool.config import Config, load_config
     from geventpool.discovery.instance import Instance
@@ -65,6 +67,8 @@ _LAZY = {
     "AlertSettings": "geventpool.alerts.policy",
     "InstanceStatus": "geventpool.client.pool",
     "PoolSettings": "geventpool.client.pool",
+    "Retry": "geventpool.client.retrying",
+    "RetryBudget": "geventpool.client.retrying",
     "ServiceClient": "geventpool.client.service",
     "ServiceStatus": "geventpool.client.service",
     "Config": "geventpool.config",
@@ -128,6 +132,9 @@ __all__ = [
     "RegistrationError",
     "RegistryError",
     "RetriesExhaustedError",
+    "Retry",
+    "RetryBudget",
+    "RetryBudgetExhaustedError",
     "Secret",
     "ServiceClient",
     "ServiceStatus",

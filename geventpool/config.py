@@ -29,6 +29,7 @@ from geventpool.alerts.channels import (
 )
 from geventpool.alerts.policy import AlertSettings
 from geventpool.client.pool import PoolSettings
+from geventpool.client.retrying import Retry, RetryBudget
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
 from geventpool.errors import ConfigurationError
 from geventpool.secret import Secret
@@ -176,18 +177,26 @@ class ServiceConfig:
     pool: PoolSettings = field(default_factory=PoolSettings)
     balancer: str = "least_in_use"
     call_timeout: float = 5.0
-    retries: int = 2
+    retry: Retry = field(default_factory=Retry)
+    retry_budget: Mapping[str, float] = field(default_factory=dict)  # RetryBudget's settings
     empty_protection: float = 30.0
 
+    @property
+    def retries(self) -> int:
+        """Further attempts of a failed call (``retry.retries``)."""
+        return self.retry.retries
+
     def client_options(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`~geventpool.client.service.ServiceClient`."""
+        """Keyword arguments for :class:`~geventpool.client.service.ServiceClient` (each call
+        gives a fresh retry budget: a budget counts one client's calls)."""
         return {
             "root": self.root,
             "path": self.path,
             "pool": self.pool,
             "balancer": self.balancer,
             "call_timeout": self.call_timeout,
-            "retries": self.retries,
+            "retry": self.retry,
+            "retry_budget": _budget(self.retry_budget),
             "empty_protection": self.empty_protection,
         }
 
@@ -257,6 +266,15 @@ def _service(name: str, table: _Table) -> ServiceConfig:
     limits_table.done()
     pool = PoolSettings(**_settings(pool_table, PoolSettings), limits=limits)
     pool_table.done()
+    retry = _retry(table)
+    budget_table = table.table("retry_budget", None)
+    budget = {
+        key: budget_table.get(key, float)
+        for key in ("percent", "min_per_second", "window")
+        if budget_table.has(key)
+    }
+    budget_table.done()
+    _budget(budget)  # checked here, not at the first call
     service = ServiceConfig(
         name=name,
         root=table.get("root", str, DEFAULT_ROOT),
@@ -264,11 +282,47 @@ def _service(name: str, table: _Table) -> ServiceConfig:
         pool=pool,
         balancer=table.get("balancer", str, "least_in_use"),
         call_timeout=table.get("call_timeout", float, 5.0),
-        retries=table.get("retries", int, 2),
+        retry=retry,
+        retry_budget=budget,
         empty_protection=table.get("empty_protection", float, 30.0),
     )
     table.done()
     return service
+
+
+def _budget(settings: Mapping[str, float]) -> RetryBudget:
+    defaults = RetryBudget(clock=lambda: 0.0)
+    return RetryBudget(
+        percent=settings.get("percent", defaults.percent),
+        min_per_second=settings.get("min_per_second", defaults.min_per_second),
+        window=settings.get("window", defaults.window),
+    )
+
+
+def _retry(table: _Table) -> Retry:
+    """``[services.NAME.retry]``, or the ``retries`` shorthand (not both)."""
+    if not table.has("retry"):
+        return Retry(retries=table.get("retries", int, 2))
+    if table.has("retries"):
+        raise ConfigurationError(
+            f"{table.path('retries')}: give retries in the retry table, not both"
+        )
+    retry_table = table.table("retry")
+    options: dict[str, Any] = {}
+    if retry_table.has("idempotent"):
+        idempotent = retry_table.get("idempotent", (bool, list))
+        if isinstance(idempotent, list):
+            idempotent = frozenset(retry_table.strings("idempotent"))
+        options["idempotent"] = idempotent
+    if retry_table.has("retry_on"):
+        options["retry_on"] = frozenset(retry_table.strings("retry_on"))
+    for key, kind in (("retries", int), ("backoff", float), ("max_backoff", float)):
+        if retry_table.has(key):
+            options[key] = retry_table.get(key, kind)
+    if retry_table.has("attempt_timeout"):
+        options["attempt_timeout"] = retry_table.get("attempt_timeout", float)
+    retry_table.done()
+    return Retry(**options)
 
 
 def _headers(table: _Table) -> dict[str, str | Secret]:

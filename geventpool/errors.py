@@ -148,7 +148,16 @@ class TransportError(GeventPoolError):
 
 
 class ConnectError(TransportError):
-    """No connection could be opened: nothing was sent, so another instance may be tried."""
+    """No connection could be opened: nothing was sent, so another instance may be tried.
+
+    ``deadline_spent`` is True when the call's own deadline, not the instance, ended the
+    attempt (no time was left, or the connect was cut short by it): such an attempt does not
+    count against the instance, and the caller gets :class:`CallTimeoutError` (``sent``
+    False)."""
+
+    def __init__(self, instance: str, reason: str, *, deadline_spent: bool = False) -> None:
+        self.deadline_spent = deadline_spent
+        super().__init__(instance, reason)
 
 
 class CallTimeoutError(TransportError):
@@ -204,15 +213,30 @@ class MessageLimitError(MalformedMessageError):
 
 
 class RetriesExhaustedError(GeventPoolError):
-    """Every attempt failed before anything was sent; ``attempts`` holds each attempt's error."""
+    """A call was attempted more than once (or every instance refused a connection) and no
+    attempt succeeded; ``attempts`` holds each attempt's error, oldest first, ``reason`` the
+    last. ``sent`` tells whether any attempt may have run on a server."""
 
-    def __init__(self, service: str, attempts: list[GeventPoolError]) -> None:
+    def __init__(self, service: str, attempts: list[BaseException], why: str = "") -> None:
         self.service = service
         self.attempts = attempts
         self.reason = attempts[-1] if attempts else None
-        super().__init__(
-            f"{service!r}: {len(attempts)} attempts failed to connect; last: {self.reason}"
+        self.sent = any(
+            not isinstance(a, (ConnectError, PoolError)) and getattr(a, "sent", True)
+            for a in attempts
         )
+        connects = all(isinstance(a, ConnectError) for a in attempts)
+        what = "failed to connect" if connects else "failed"
+        super().__init__(f"{service!r}: {len(attempts)} attempts {what}{why}; last: {self.reason}")
+
+
+class RetryBudgetExhaustedError(RetriesExhaustedError):
+    """The call could have been made again, but the client's retry budget is spent (too many
+    calls are failing: see :class:`~geventpool.client.retrying.RetryBudget`)."""
+
+    def __init__(self, service: str, attempts: list[BaseException], budget: str) -> None:
+        self.budget = budget
+        super().__init__(service, attempts, f" (the retry budget, {budget}, is spent)")
 
 
 class InvalidArgumentsError(GeventPoolError, TypeError):

@@ -181,3 +181,27 @@ def test_a_leaving_instance_gets_no_new_calls_and_its_busy_connection_closes_at_
     assert pool.status().in_use == 0 and pool.descriptors() == []  # closed at check-in
     answers = {client.whoami() for _ in range(20)}
     assert answers == {f"127.0.0.1:{staying.port}"}  # no new calls to it
+
+
+@pytest.mark.gevent_timeout(60)
+def test_a_server_restarted_on_its_port_with_another_transport_is_called_as_it_is_now(
+    zk_hosts: str, servers: Callable[..., ServerProcess], client: ServiceClient
+) -> None:
+    """The new process replaces the node its dead predecessor left under the same name: the
+    client sees the new payload at once (not at its next ZooKeeper reconnect) and retires the
+    pool of the old one."""
+    first = servers("--zookeeper", zk_hosts, "--session-timeout", "30")
+    assert client._membership is not None
+    assert client._membership.wait_for(lambda view: len(view) == 1, 5)
+    assert client.echo("before") == "before"
+    old_pool = next(iter(client._pools.values()))
+    assert first.port is not None
+    first.kill()
+    servers("--zookeeper", zk_hosts, "--port", str(first.port), "--transport", "framed")
+    assert client._membership.wait_for(
+        lambda view: [i.transport for i in view.values()] == ["framed"], 2
+    )
+    assert client.echo("after") == "after"
+    assert old_pool.state == "retired"
+    [status] = client.status().instances
+    assert status.failures == 0, status

@@ -18,9 +18,14 @@ from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
 
 
-def local_ports(client: ServiceClient) -> set[int]:
+def local_ports(client: ServiceClient) -> set[tuple[int, int]]:
+    """Each open connection's (local port, server port): Linux gives the same local port to
+    connections to different servers, so the pair is what names a connection."""
     return {
-        connection._sock.getsockname()[1]  # type: ignore[attr-defined]
+        (
+            connection._sock.getsockname()[1],  # type: ignore[attr-defined]
+            connection._sock.getpeername()[1],  # type: ignore[attr-defined]
+        )
         for pool in client._pools.values()
         for connection in pool._open_connections
     }
@@ -76,7 +81,7 @@ def test_a_forked_child_rebuilds_its_client_and_never_touches_the_parents_socket
         child = json.loads(report.read_text())
         assert child["answers"] == [f"child {n}" for n in range(20)]
         assert child["session"] != parent_session
-        assert not set(child["ports"]) & parent_ports
+        assert not {tuple(pair) for pair in child["ports"]} & parent_ports
 
         gevent.sleep(1.0)  # give a broken parent session time to show
         assert parent_states == []  # never SUSPENDED, never LOST

@@ -323,3 +323,51 @@ def test_killing_an_ensemble_member_loses_no_cached_instance(
     assert membership._client.connected
     for registrar in [*registrars, late]:
         registrar.stop()
+
+
+@pytest.mark.parametrize("how", ["re-created", "data changed"])
+def test_a_child_re_created_or_rewritten_under_the_same_name_is_seen_as_updated(
+    zk: KazooClient,
+    zk_hosts: str,
+    watch: Callable[..., Membership],
+    captured: list[MutableMapping[str, Any]],
+    how: str,
+) -> None:
+    """A server restarted on the same host and port writes its node under the same name: the
+    children do not change, only the node's data (or its creation)."""
+    node = f"{PATH}/127.0.0.1:9000"
+    zk.create(node, native(port=9000, transport="buffered"), makepath=True)
+    membership = watch(zk_hosts)
+    changes: list[MembershipChange] = []
+    membership.subscribe(changes.append)
+    restarted = native(port=9000, transport="framed", weight=5)
+    started = time.monotonic()
+    if how == "re-created":
+        transaction = zk.transaction()
+        transaction.delete(node)
+        transaction.create(node, restarted)
+        transaction.commit()
+    else:
+        zk.set(node, restarted)
+    assert membership.wait_for(
+        lambda view: [(i.transport, i.weight) for i in view.values()] == [("framed", 5)], 1.0
+    )
+    print(f"{how}: seen after {(time.monotonic() - started) * 1000:.1f} ms")
+    assert [c.updated[0].transport for c in changes if c.updated] == ["framed"]
+    assert events_named(captured, events.INSTANCE_UPDATED)
+    zk.set(node, native(port=9000, transport="framed", weight=2))  # the watch was set again
+    assert membership.wait_for(lambda view: [i.weight for i in view.values()] == [2], 1.0)
+
+
+def test_the_only_child_re_created_while_empty_protection_holds_it_is_read_again(
+    zk: KazooClient, zk_hosts: str, watch: Callable[..., Membership]
+) -> None:
+    """The refresh may run between the delete and the create: the view, held by empty-list
+    protection, still has the old payload, and the re-created child must be read anew."""
+    node = f"{PATH}/127.0.0.1:9000"
+    zk.create(node, native(port=9000, transport="buffered"), makepath=True)
+    membership = watch(zk_hosts)
+    zk.delete(node)
+    assert membership.wait_for(lambda view: membership.protecting, 1.0)
+    zk.create(node, native(port=9000, transport="framed"))
+    assert membership.wait_for(lambda view: [i.transport for i in view.values()] == ["framed"], 1.0)

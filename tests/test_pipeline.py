@@ -6,6 +6,8 @@ typed error for every call on it."""
 from __future__ import annotations
 
 import signal
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import gevent
 import pytest
 
+from geventpool.client.pipeline import PipelinedConnection
 from geventpool.client.pool import PoolSettings
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
@@ -293,3 +296,43 @@ def test_oneway_calls_return_once_written_and_take_no_reply_slot(
         assert (status.opened, status.closed, status.in_use) == (1, 0, 0), status
     finally:
         server.stop(drain_timeout=1.0)
+
+
+def test_a_request_held_up_in_the_queue_until_too_late_is_not_written(
+    pipelined: Callable[..., ServiceClient],
+) -> None:
+    """A peer that reads nothing for 0.35 s holds the writer in the first call's large
+    request; the call queued behind it has less than ``min_time_left`` when the writer comes
+    to it, so it fails at once, not sent, and its bytes never reach the peer."""
+    mine, peer = socket.socketpair()
+    connection = PipelinedConnection(
+        Instance(host="127.0.0.1", port=1),
+        mine,
+        echo_thrift.Echo,
+        clock=time.monotonic,
+        expires_at=float("inf"),
+        min_time_left=0.2,
+    )
+    received = bytearray()
+
+    def read_later() -> None:
+        gevent.sleep(0.35)
+        while chunk := peer.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = gevent.spawn(read_later)
+    try:
+        now = time.monotonic()
+        big = gevent.spawn(connection.call, "echo", ("x" * 8_000_000,), {}, now + 5.0)
+        gevent.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(CallTimeoutError) as caught:
+            connection.call("echo", ("queued behind",), {}, started + 0.5)
+        assert not caught.value.sent and time.monotonic() - started < 0.45
+        gevent.sleep(0.1)
+        assert b"queued behind" not in received and len(received) > 8_000_000
+        assert not connection.broken
+    finally:
+        connection.close()
+        peer.close()
+        gevent.killall([big, reader])

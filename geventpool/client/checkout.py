@@ -2,6 +2,9 @@
 
 :class:`Checkout` promises:
 
+* **The deadline is the caller's.** A connect cut short by the call's own deadline is no
+  failure of the instance: the caller gets :class:`~geventpool.errors.CallTimeoutError`
+  (``sent`` False) and the instance is not charged.
 * **Safe failover.** A failure to connect (:class:`~geventpool.errors.ConnectError`: nothing
   was sent) or a pool that retired or ejected its instance while the caller waited is retried
   on another instance, at most ``retries`` more times and never past the call's deadline;
@@ -27,13 +30,16 @@ from geventpool.client.connection import PooledConnection
 from geventpool.client.exhaustion import ExhaustionReporter
 from geventpool.client.pool import ACTIVE, InstancePool
 from geventpool.client.pools import ServicePools
+from geventpool.client.retrying import RetryBudget
 from geventpool.errors import (
+    CallTimeoutError,
     ConnectError,
     GeventPoolError,
     NoInstancesError,
     PoolClosedError,
     PoolExhaustedError,
     RetriesExhaustedError,
+    RetryBudgetExhaustedError,
 )
 
 
@@ -48,6 +54,7 @@ class Checkout:
         exhaustion: ExhaustionReporter,
         *,
         retries: int,
+        budget: RetryBudget | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._service_name = service_name
@@ -55,16 +62,28 @@ class Checkout:
         self._balancer = balancer
         self._exhaustion = exhaustion
         self._retries = retries
+        self._budget = budget
         self._clock = clock
 
-    def acquire(self, deadline: float) -> tuple[InstancePool, PooledConnection]:
-        """A pool and a connection from it, by ``deadline`` (clock seconds) at the latest."""
-        tried: tuple[InstancePool, ...] = ()
+    def acquire(
+        self,
+        deadline: float,
+        method: str = "connection",
+        avoid: tuple[InstancePool, ...] = (),
+    ) -> tuple[InstancePool, PooledConnection]:
+        """A pool and a connection from it for a call of ``method``, by ``deadline`` (clock
+        seconds) at the latest, from another pool than those in ``avoid`` while one is left
+        (a retry's earlier attempts). A connect that the deadline itself cut short raises
+        :class:`CallTimeoutError` (``sent`` False), not a failure of the instance."""
+        tried: tuple[InstancePool, ...] = avoid
         attempts: tuple[GeventPoolError, ...] = ()
         pools = self._pools
         while True:
             now = self._clock()
             pool = self._balancer.choose(pools.active, now, tried) or self._any_pool(tried)
+            if pool is None and avoid and tried == avoid:
+                tried = ()  # every instance was tried before: any of them again
+                pool = self._balancer.choose(pools.active, now, ()) or self._any_pool(())
             if pool is None:
                 if attempts:
                     raise RetriesExhaustedError(self._service_name, list(attempts))
@@ -74,9 +93,17 @@ class Checkout:
             try:
                 return pool, pool.acquire(deadline)
             except (ConnectError, PoolClosedError) as error:
+                if isinstance(error, ConnectError) and error.deadline_spent:
+                    raise CallTimeoutError(pool.name, method, 0.0, sent=False) from error
                 tried, attempts = (*tried, pool), (*attempts, error)
-                if len(attempts) > self._retries or self._clock() >= deadline:
+                now = self._clock()
+                if len(attempts) > self._retries or now >= deadline:
                     raise RetriesExhaustedError(self._service_name, list(attempts)) from error
+                budget = self._budget
+                if isinstance(error, ConnectError) and budget and not budget.withdraw(now):
+                    raise RetryBudgetExhaustedError(
+                        self._service_name, list(attempts), budget.describe()
+                    ) from error
             except PoolExhaustedError as error:
                 raise self._exhaustion.report(pools.active, error.timeout) from None
 

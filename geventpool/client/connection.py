@@ -17,6 +17,9 @@ else breaks the connection, never to be reused:
 * The deadline is total (connect excluded), enforced by a ``gevent.Timeout`` that belongs to
   the call, so a peer trickling one byte a second cannot stretch it; it breaks the connection
   and raises :class:`~geventpool.errors.CallTimeoutError`.
+* A request is not written with ``min_time_left`` or less before its deadline (the server
+  would run a call whose caller gave up): :class:`~geventpool.errors.CallTimeoutError` with
+  ``sent`` False, and the connection stays in service.
 * Arguments are bound, checked against the IDL and encoded before a byte is written: a bad one
   raises :class:`~geventpool.errors.InvalidArgumentsError`, nothing is sent, and the
   connection stays in service.
@@ -108,6 +111,7 @@ class Connection:
         "_clock",
         "_codec",
         "_expect_reply",
+        "_min_time_left",
         "_more",
         "_poller",
         "_seqid",
@@ -131,8 +135,10 @@ class Connection:
         clock: Callable[[], float],
         expires_at: float,
         limits: WireLimits = DEFAULT_LIMITS,
+        min_time_left: float = 0.0,
     ) -> None:
         self.instance = instance
+        self._min_time_left = min_time_left  # with less left, a request is not written
         self._sock = sock
         self._poller = _poll()
         self._poller.register(sock.fileno(), _READABLE)
@@ -160,7 +166,7 @@ class Connection:
                 str(self.instance), method, "the connection was closed by an earlier failure"
             )
         remaining = deadline - self._clock()
-        if remaining <= 0:  # nothing sent: the connection stays clean
+        if remaining <= self._min_time_left:  # nothing sent: the connection stays clean
             raise CallTimeoutError(str(self.instance), method, 0.0, sent=False)
         spec = method_spec(self._service, method)
         body = spec.arguments(args, kwargs)
@@ -262,17 +268,27 @@ def open_connection(
     limits: WireLimits = DEFAULT_LIMITS,
     max_inflight: int = 1,
     stuck_after: float = 5.0,
+    min_time_left: float = 0.0,
 ) -> PooledConnection:
     """Connect to ``instance`` within ``connect_timeout`` seconds (and before ``deadline``),
     speaking its registered transport and protocol: a :class:`Connection`, or with
     ``max_inflight`` above 1 a
     :class:`~geventpool.client.pipeline.PipelinedConnection`. Raises :class:`ConnectError`."""
-    timeout = min(connect_timeout, deadline - clock())
+    left = deadline - clock()
+    timeout = min(connect_timeout, left)
     if timeout <= 0:
-        raise ConnectError(str(instance), "no time left before the deadline to connect")
+        raise ConnectError(
+            str(instance), "no time left before the deadline to connect", deadline_spent=True
+        )
     try:
         sock = gevent.socket.create_connection(instance.address, timeout=timeout)
     except OSError as error:
+        if isinstance(error, TimeoutError) and left < connect_timeout:
+            raise ConnectError(
+                str(instance),
+                f"the call's deadline ended the connect after {timeout:.3f}s",
+                deadline_spent=True,
+            ) from None
         raise ConnectError(str(instance), f"connect failed: {error!r}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(None)  # every call is bounded by its own deadline instead
@@ -286,5 +302,14 @@ def open_connection(
             expires_at=expires_at,
             limits=limits,
             stuck_after=stuck_after,
+            min_time_left=min_time_left,
         )
-    return Connection(instance, sock, service, clock=clock, expires_at=expires_at, limits=limits)
+    return Connection(
+        instance,
+        sock,
+        service,
+        clock=clock,
+        expires_at=expires_at,
+        limits=limits,
+        min_time_left=min_time_left,
+    )

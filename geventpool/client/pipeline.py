@@ -12,6 +12,9 @@ before anything is written; every failure is typed), for any number of concurren
   call must have been written), walks it against that call's IDL and hands it to the caller,
   which decodes it. Anything else (an unknown sequence id, a reply to a call not written yet, a
   malformed or oversized message) breaks the connection.
+* **No request is written too late**: with ``min_time_left`` or less before its deadline
+  (at the call, or when the writer comes to it) a call fails at once with
+  :class:`~geventpool.errors.CallTimeoutError`, ``sent`` False.
 * **A deadline costs the caller, not the connection.** A caller whose deadline passes leaves at
   once with :class:`~geventpool.errors.CallTimeoutError`. A request not yet written is taken
   back (``sent=False``); the late reply to one written is recognised by its sequence id and
@@ -93,6 +96,7 @@ class PipelinedConnection:
         expires_at: float,
         limits: WireLimits = DEFAULT_LIMITS,
         stuck_after: float = 5.0,
+        min_time_left: float = 0.0,
     ) -> None:
         self.instance = instance
         self._name = str(instance)
@@ -105,6 +109,7 @@ class PipelinedConnection:
         self._more = receiver(sock, self._buffer)
         self._clock = clock
         self._stuck_after = stuck_after
+        self._min_time_left = min_time_left  # with less left, a request is not written
         self._seqid = 0
         self._queue: list[_Call] = []  # encoded, not yet written
         self._pending: dict[int, _Call] = {}  # seqid -> call awaiting its reply
@@ -133,7 +138,7 @@ class PipelinedConnection:
         if self.broken:
             raise ConnectionClosedError(self._name, method, "the connection is closed")
         remaining = deadline - self._clock()
-        if remaining <= 0:
+        if remaining <= self._min_time_left:
             raise CallTimeoutError(self._name, method, 0.0, sent=False)
         spec = method_spec(self._service, method)
         body = spec.arguments(args, kwargs)
@@ -201,8 +206,14 @@ class PipelinedConnection:
                 wake.clear()
                 while self._queue:
                     batch, self._queue = self._queue, []
+                    soon = self._clock() + self._min_time_left
                     for call in batch:
                         call.written = True
+                        if call.deadline <= soon:  # queued too long: its caller gives up
+                            batch = self._drop_short(batch, soon)
+                            break
+                    if not batch:
+                        continue
                     data = (
                         batch[0].request
                         if len(batch) == 1
@@ -218,6 +229,23 @@ class PipelinedConnection:
             self._break(error)
             if not isinstance(error, (OSError, EOFError)):
                 raise  # a bug: the hub prints it
+
+    def _drop_short(self, batch: list[_Call], soon: float) -> list[_Call]:
+        """``batch`` without the calls whose deadline comes before ``soon``: each fails at once
+        with :class:`CallTimeoutError`, ``sent`` False (the writer was held up, by a server
+        that does not read, say, and the server would run a call whose caller gave up)."""
+        keep = []
+        run_callback = self._hub.loop.run_callback
+        for call in batch:
+            if call.deadline > soon:
+                call.written = True
+                keep.append(call)
+                continue
+            call.written = False
+            self._pending.pop(call.seqid, None)
+            error = CallTimeoutError(self._name, call.spec.name, 0.0, sent=False)
+            run_callback(call.waiter.switch, error)
+        return keep
 
     def _read_loop(self) -> None:
         """Read replies and hand each to its caller, until the connection breaks."""

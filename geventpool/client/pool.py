@@ -72,7 +72,10 @@ class PoolSettings:
     :mod:`geventpool.client.pipeline`; None, the default: :data:`PIPELINED_INFLIGHT` with
     instances that advertise out-of-order replies, 1 with any other); ``stuck_after`` how long
     past its deadline a pipelined call's reply may be late before its connection is broken as
-    stuck; ``min_idle`` idle connections kept open (also the count
+    stuck; ``min_time_left`` the least time before its deadline with which a request is
+    still written (with less, the call fails at once with
+    :class:`~geventpool.errors.CallTimeoutError`, ``sent`` False: the server would run a call
+    whose caller had given up); ``min_idle`` idle connections kept open (also the count
     opened when an instance joins); ``pool_timeout`` the longest wait for a connection;
     ``connect_timeout`` for opening one; ``idle_timeout`` after which an idle connection above
     ``min_idle`` is closed (None: never); ``max_lifetime`` after which any connection is
@@ -87,6 +90,7 @@ class PoolSettings:
     max_connections: int = 10
     max_inflight: int | None = None
     stuck_after: float = 5.0
+    min_time_left: float = 0.001
     min_idle: int = 0
     pool_timeout: float = 1.0
     connect_timeout: float = 1.0
@@ -133,6 +137,7 @@ class PoolSettings:
             "stuck_after",
         ):
             check_seconds(name, getattr(self, name))
+        check_seconds("min_time_left", self.min_time_left, zero=True)
         for name in ("idle_timeout", "max_lifetime"):
             check_seconds(name, getattr(self, name), optional=True)
         if not 0 <= self.lifetime_jitter < 1:
@@ -290,14 +295,18 @@ class InstancePool:
         deadline: float,
     ) -> Any:
         """Call on ``connection`` (checked out from this pool) and count how the instance did:
-        a failure on the wire towards ejection, a success as the end of a failure streak."""
+        a failure on the wire towards ejection, a success as the end of a failure streak. A
+        call that began before the instance was last ejected counts neither way: its success
+        cannot undo the ejection (only a probe can), its failure says nothing new."""
+        ejections = self.ejections
         try:
             result = connection.call(method, args, kwargs, deadline)
         except TransportError as error:
-            self.record_failure(error)
+            if ejections == self.ejections:  # a call begun before an ejection is not news
+                self.record_failure(error)
             raise
-        if self.failures:
-            self.record_success()
+        if self.failures and ejections == self.ejections:
+            self.record_success()  # (only a call begun after an ejection can end it)
         return result
 
     def _take(self, connection: PooledConnection) -> PooledConnection:
@@ -408,11 +417,12 @@ class InstancePool:
                 limits=settings.limits,
                 max_inflight=self._max_inflight,
                 stuck_after=settings.stuck_after,
+                min_time_left=settings.min_time_left,
             )
         except BaseException as error:
             self._opening -= 1
             self._grant_slot()
-            if isinstance(error, ConnectError):
+            if isinstance(error, ConnectError) and not error.deadline_spent:
                 self.record_failure(error)
             raise
         self._opening -= 1

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
+from gevent.event import AsyncResult, Event
 from kazoo.client import KazooClient
 
 from geventpool import events
@@ -45,13 +47,21 @@ from geventpool.client.balancer import make_balancer
 from geventpool.client.checkout import Checkout
 from geventpool.client.exhaustion import ExhaustionReporter
 from geventpool.client.pinned import PinnedConnection
-from geventpool.client.pool import InstanceStatus, PoolSettings
+from geventpool.client.pool import InstancePool, InstanceStatus, PoolSettings
 from geventpool.client.pools import ServicePools
+from geventpool.client.retrying import RESEND, Retry, RetryBudget, classify, emit_retry
 from geventpool.client.source import RegistryInstances, StaticInstances
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.membership import Membership
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
-from geventpool.errors import ConfigurationError, ConnectionClosedError, PoolClosedError
+from geventpool.errors import (
+    ConfigurationError,
+    PoolClosedError,
+    PoolError,
+    RetriesExhaustedError,
+    RetryBudgetExhaustedError,
+    TransportError,
+)
 from geventpool.validation import check_seconds
 
 
@@ -67,6 +77,11 @@ class ServiceStatus:
     max_connections: int
     exhausted: int
     instances: tuple[InstanceStatus, ...]
+    #: Retries made since start (of calls sent or not), retries the budget refused, and
+    #: the retries it allows now.
+    retries: int = 0
+    retries_refused: int = 0
+    retry_budget: float = 0.0
 
 
 class ServiceClient:
@@ -95,7 +110,9 @@ class ServiceClient:
         pool: PoolSettings | None = None,
         balancer: str = "least_in_use",
         call_timeout: float = 5.0,
-        retries: int = 2,
+        retries: int | None = None,
+        retry: Retry | None = None,
+        retry_budget: RetryBudget | None = None,
         empty_protection: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -104,8 +121,12 @@ class ServiceClient:
         if not hasattr(service, "thrift_services"):
             raise ConfigurationError(f"{service!r} is not a thriftpy2 service")
         check_seconds("call_timeout", call_timeout)
-        if not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"retries must be an integer >= 0, not {retries!r}")
+        if retries is not None and retry is not None:
+            raise ConfigurationError("give retry= (a Retry) or retries= (its shorthand), not both")
+        if retry is None:
+            retry = Retry() if retries is None else Retry(retries=retries)
+        elif not isinstance(retry, Retry):
+            raise ConfigurationError(f"retry must be a Retry, not {retry!r}")
         make_balancer(balancer)  # a bad name fails here, not at the first call
         self._service = service
         self.name = name or (path.rsplit("/", 1)[-1] if path else service.__name__)
@@ -116,10 +137,14 @@ class ServiceClient:
         self._settings = pool or PoolSettings()
         self._balancer_name = balancer
         self._call_timeout = float(call_timeout)
-        self._retries = retries
+        self._retry = retry
+        self._budget = retry_budget or RetryBudget(clock=clock)
+        self._budget_event = float("-inf")
+        self._retried = 0  # every retry, budgeted or not
         self._empty_protection = empty_protection
         self._clock = clock
         self._methods = frozenset(service.thrift_services)
+        self._rebuilding: Event | None = None  # set while one greenlet rebuilds after a fork
         self._reset()
 
     def _reset(self) -> None:
@@ -143,10 +168,13 @@ class ServiceClient:
             self._pools,
             make_balancer(self._balancer_name),
             self._exhaustion,
-            retries=self._retries,
+            retries=self._retry.retries,
+            budget=self._budget,
             clock=self._clock,
         ).acquire
+        self._min_time_left = self._settings.min_time_left
         self._started = False
+        self._starting: AsyncResult | None = None  # set while one greenlet starts the client
         self._closed = False
         self._forked = False
 
@@ -160,15 +188,34 @@ class ServiceClient:
         """Load the instances and start the pools' reaper. Called by the first call if needed.
 
         Raises :class:`~geventpool.errors.ZooKeeperUnavailableError` if ZooKeeper does not
-        answer within ``timeout`` seconds.
+        answer within ``timeout`` seconds. It runs once however many greenlets call it (the
+        first calls of a new client, say): the others wait for that one and share its
+        outcome, its error included.
         """
-        if self._closed:
-            raise PoolClosedError(f"client of {self.name!r} is closed")
-        if self._started:
-            return
-        self._pools.apply(self._source.start(self._pools.on_change, timeout), ())
-        self._pools.start_reaper()
+        while True:
+            if self._closed:
+                raise PoolClosedError(f"client of {self.name!r} is closed")
+            if self._started:
+                return
+            starting = self._starting
+            if starting is None:
+                break
+            starting.get()  # the starter's outcome; if it was killed, start here instead
+        self._starting = starting = AsyncResult()
+        try:
+            self._pools.apply(self._source.start(self._pools.on_change, timeout), ())
+            self._pools.start_reaper()
+        except Exception as error:
+            self._starting = None
+            starting.set_exception(error)
+            raise
+        except BaseException:  # the starter was killed: a waiter starts instead
+            self._starting = None
+            starting.set(None)
+            raise
         self._started = True
+        self._starting = None
+        starting.set(None)
         forking.track(self)
         events.emit(
             events.CLIENT_STARTED,
@@ -213,23 +260,105 @@ class ServiceClient:
         """Call ``method`` on one instance and return its result (or raise what it raised).
 
         ``timeout`` is this call's total deadline in seconds (default ``call_timeout``). A
-        call whose request was never written because its (pipelined) connection broke first
-        is made once more on another connection, within the same deadline.
+        failed call is made again as the client's :class:`Retry` allows (see
+        :mod:`geventpool.client.retrying`), within the same deadline; a call attempted more
+        than once that never succeeded raises
+        :class:`~geventpool.errors.RetriesExhaustedError` with every attempt's error.
         """
         if not self._started or self._forked:
             self._ensure_started()
-        deadline = self._clock() + (self._call_timeout if timeout is None else timeout)
-        again = True  # once more if nothing was sent: a shared connection broke under it
+        now = self._clock()
+        deadline = now + (self._call_timeout if timeout is None else timeout)
+        self._budget.deposit(now)
+        attempt_timeout = self._retry.attempt_timeout
+        ends = deadline if attempt_timeout is None else min(deadline, now + attempt_timeout)
+        pool, connection = self._checkout(deadline, method)
+        try:
+            result = pool.call(connection, method, args, kwargs, ends)
+        except Exception as error:  # noqa: BLE001 - the policy decides what is retried
+            pool.release(connection)
+            return self._again(method, args, kwargs, deadline, pool=pool, error=error)
+        except BaseException:
+            pool.release(connection)
+            raise
+        pool.release(connection)
+        return result
+
+    def _again(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float,
+        *,
+        pool: InstancePool,
+        error: Exception,
+    ) -> Any:
+        """The call failed with ``error`` on ``pool``: make it again while the policy, the
+        budget and the deadline allow; else raise (``error`` itself after one attempt)."""
+        retry, budget, clock = self._retry, self._budget, self._clock
+        attempts: list[BaseException] = [error]
+        tried: tuple[InstancePool, ...] = (pool,)
         while True:
-            pool, connection = self._checkout(deadline)
+            now = clock()
+            how = classify(error, retry, method, now < deadline - self._min_time_left)
+            if how is None:  # the call's outcome (an answer of the server's, say)
+                if len(attempts) == 1 or not isinstance(error, (TransportError, PoolError)):
+                    raise error
+                raise RetriesExhaustedError(self.name, attempts) from error
+            if len(attempts) > retry.retries:
+                raise RetriesExhaustedError(self.name, attempts) from error
+            if how is RESEND and not budget.withdraw(now):
+                self._budget_spent(method)
+                raise RetryBudgetExhaustedError(self.name, attempts, budget.describe()) from error
+            self._retried += 1
+            emit_retry(self.name, method, len(attempts) + 1, error, how)
+            pause = retry.delay(len(attempts))
+            if pause:
+                gevent.sleep(min(pause, max(0.0, deadline - clock())))
+            now = clock()
+            ends = deadline
+            if retry.attempt_timeout is not None:
+                ends = min(deadline, now + retry.attempt_timeout)
             try:
-                return pool.call(connection, method, args, kwargs, deadline)
-            except ConnectionClosedError:
-                if not again:
-                    raise
-                again = False
-            finally:
+                pool, connection = self._checkout(deadline, method, tried)
+            except RetriesExhaustedError as exhausted:
+                raise RetriesExhaustedError(
+                    self.name, [*attempts, *exhausted.attempts]
+                ) from exhausted
+            except (TransportError, PoolError) as failure:
+                attempts.append(failure)
+                raise RetriesExhaustedError(self.name, attempts) from failure
+            try:
+                result = pool.call(connection, method, args, kwargs, ends)
+            except Exception as failure:  # noqa: BLE001 - the policy decides, as above
                 pool.release(connection)
+                error = failure
+                attempts.append(failure)
+                tried = (*tried, pool)
+                continue
+            except BaseException:
+                pool.release(connection)
+                raise
+            pool.release(connection)
+            return result
+
+    def _budget_spent(self, method: str) -> None:
+        """The rate-limited ``retry_budget_exhausted`` event (at most one a second)."""
+        now = self._clock()
+        if now - self._budget_event < 1.0:
+            return
+        self._budget_event = now
+        budget = self._budget
+        events.emit(
+            events.RETRY_BUDGET_EXHAUSTED,
+            "warning",
+            service=self.name,
+            method=method,
+            budget=budget.describe(),
+            retries=budget.retries,
+            refused=budget.refused,
+        )
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[PinnedConnection]:
@@ -264,6 +393,19 @@ class ServiceClient:
         self._source.after_fork_in_child()
 
     def _rebuild_after_fork(self) -> None:
+        """Once, whichever greenlet of the child comes first (abandoning the parent's watch
+        yields: a second caller meanwhile must not rebuild again)."""
+        if self._rebuilding is not None:
+            self._rebuilding.wait()
+            return
+        self._rebuilding = rebuilding = Event()
+        try:
+            self._abandon_parent()
+        finally:
+            self._rebuilding = None
+            rebuilding.set()
+
+    def _abandon_parent(self) -> None:
         self._source.abandon_after_fork(self.name)
         self._pools.forget()
         self._reset()  # the parent's ZooKeeper client is abandoned, never stopped from here
@@ -292,4 +434,7 @@ class ServiceClient:
             max_connections=sum(s.max_connections for s in instances),
             exhausted=self._exhaustion.count,
             instances=instances,
+            retries=self._retried,
+            retries_refused=self._budget.refused,
+            retry_budget=round(self._budget.available(self._clock()), 1),
         )

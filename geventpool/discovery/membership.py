@@ -9,8 +9,11 @@ values, and tells subscribers what joined, left or changed. It promises:
 * **The watch never stops.** Watch callbacks and state listeners only poke a
   :class:`~geventpool.discovery.reconcile.ReconcileLoop`; every read happens in that loop,
   whose errors are logged and retried. A missing service path is watched until it is created.
-* **Payloads are read once.** Only children not seen before are fetched (all at once,
-  pipelined); a full re-read happens after every reconnect and after a session loss.
+* **Payloads are read once, and again when they change.** Only children not seen before are
+  fetched (all at once, pipelined), each with a data watch: a child whose data changed, or
+  that was deleted and re-created under the same name (a server restarted on the same host
+  and port), is read again at once and seen as updated if its payload differs. A full re-read
+  happens after every reconnect and after a session loss.
 * **The cache outlives ZooKeeper.** While SUSPENDED or LOST the last view keeps serving.
 * **Empty-list protection.** When every instance vanishes at once the last view is kept for
   ``empty_protection`` seconds (``empty_protection_engaged``), since a wiped registry or a
@@ -114,6 +117,7 @@ class Membership:
         self._clock = clock
         self._instances: Instances = _EMPTY
         self._rejected: dict[str, str] = {}
+        self._dirty: set[str] = set()  # children whose data watch fired: read them again
         self._full_refresh = True
         self._protected_until: float | None = None
         self._protection_timer: gevent.Greenlet | None = None
@@ -220,14 +224,16 @@ class Membership:
         if not self._client.connected:
             return
         full, self._full_refresh = self._full_refresh, False
+        dirty, self._dirty = self._dirty, set()
         try:
             names = self._read_children()
+            known = set(self._instances) | set(self._rejected)
+            fresh = names if full else (names - known) | (dirty & names)
+            parsed = self._fetch(sorted(fresh))
         except BaseException:
             self._full_refresh |= full
+            self._dirty |= dirty
             raise
-        known = set(self._instances) | set(self._rejected)
-        fresh = names if full else names - known
-        parsed = self._fetch(sorted(fresh))
         current: dict[str, Instance] = {}
         rejected: dict[str, str] = {}
         for name in sorted(names):
@@ -243,6 +249,9 @@ class Membership:
                 rejected[name] = outcome
         self._rejected = rejected
         self._publish(current, reloaded=full)
+        # A dirty child absent from this read but still in the view (empty protection held
+        # it) is read again when it comes back: it was deleted, to be re-created.
+        self._dirty |= {name for name in dirty - names if name in self._instances}
         self._loaded.set()
 
     def _read_children(self) -> set[str]:
@@ -257,14 +266,18 @@ class Membership:
 
     def _fetch(self, names: Iterable[str]) -> dict[str, Instance | str]:
         """Read and validate the payloads of ``names``, pipelined; absent nodes are skipped."""
-        pending = [(name, self._client.get_async(f"{self._path}/{name}")) for name in names]
+        watch = self._on_child_watch
+        pending = [
+            (name, self._client.get_async(f"{self._path}/{name}", watch=watch)) for name in names
+        ]
         parsed: dict[str, Instance | str] = {}
         for name, result in pending:
             self.stats.fetches += 1
             try:
                 data, _ = result.get()
-            except NoNodeError:
-                continue  # gone between the list and the read: the next watch says so
+            except NoNodeError:  # gone between the list and the read: no data watch is set,
+                self._dirty.add(name)  # so read it again if it is re-created
+                continue
             try:
                 parsed[name] = decode_instance(data, name, max_size=self._max_payload)
             except InvalidInstanceError as error:
@@ -365,6 +378,12 @@ class Membership:
     # -- callbacks from kazoo's greenlet: never block ------------------------------------------
 
     def _on_watch(self, event: WatchedEvent) -> None:
+        self._loop.poke()
+
+    def _on_child_watch(self, event: WatchedEvent) -> None:
+        """A child's data changed or it was deleted (perhaps to be re-created at once)."""
+        if event.path:
+            self._dirty.add(event.path.rsplit("/", 1)[-1])
         self._loop.poke()
 
     def _on_state(self, state: str) -> None:

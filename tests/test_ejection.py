@@ -1,0 +1,155 @@
+"""Ejection that is never wrong and deadlines that are the caller's, over real sockets: a
+failure counts against an instance only when the instance caused it, a call begun before an
+ejection cannot end it, no request is written with almost no time left, and a client starts
+once however many greenlets make its first calls."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+import gevent
+import pytest
+
+from geventpool import events
+from geventpool.client.pool import PoolSettings
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.instance import Instance
+from geventpool.errors import CallTimeoutError
+from geventpool.server.thrift_server import ThriftServer
+from geventpool.testing.echo import echo_thrift
+from geventpool.testing.processes import ServerProcess
+from helpers import events_named
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., ServiceClient]]:
+    """``make_client(port, **pool)``: an unstarted client of the echo server at ``port``."""
+    made: list[ServiceClient] = []
+
+    def make(port: int, **pool: Any) -> ServiceClient:
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "echo",
+            instances=[Instance(host="127.0.0.1", port=port)],
+            pool=PoolSettings(**{"eject_after": 2, "eject_backoff": 30.0, **pool}),
+            call_timeout=5.0,
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.stop()
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port whose listener's backlog is full: a connect to it hangs (SYNs are dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        held.append(filler)
+    time.sleep(0.1)
+    yield port
+    for filler in held:
+        filler.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("max_inflight", [1, 8])
+def test_a_fresh_clients_calls_with_no_time_left_do_not_eject_a_healthy_instance(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    max_inflight: int,
+) -> None:
+    """No connection is idle yet, so each call would connect: the deadline is gone first."""
+    server = serve()
+    client = make_client(server.port, max_inflight=max_inflight)
+    for _ in range(3):
+        with pytest.raises(CallTimeoutError) as caught:
+            client.echo("late", timeout=1e-9)
+        assert not caught.value.sent
+    [status] = client.status().instances
+    assert (status.failures, status.ejected) == (0, False), status
+    assert client.echo("still in rotation") == "still in rotation"
+
+
+def test_a_connect_cut_short_by_the_calls_deadline_is_a_timeout_not_the_instances_failure(
+    unanswered_port: int, make_client: Callable[..., ServiceClient]
+) -> None:
+    client = make_client(unanswered_port, connect_timeout=1.0, eject_after=1)
+    started = time.monotonic()
+    with pytest.raises(CallTimeoutError) as caught:
+        client.echo("anyone?", timeout=0.2)
+    assert not caught.value.sent and time.monotonic() - started < 0.5
+    [status] = client.status().instances
+    assert (status.failures, status.ejected) == (0, False), status
+
+
+@pytest.mark.parametrize("max_inflight", [1, 8])
+def test_a_call_begun_before_an_ejection_does_not_end_it(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+    max_inflight: int,
+) -> None:
+    server = serve()
+    client = make_client(server.port, max_inflight=max_inflight, max_connections=4)
+    in_flight = gevent.spawn(client.slow_echo, "begun before", 0.4)
+    gevent.sleep(0.05)
+    for _ in range(2):  # two timeouts in a row: ejected
+        with pytest.raises(CallTimeoutError):
+            client.slow_echo("too slow", 1.0, timeout=0.05)
+    [status] = client.status().instances
+    assert status.ejected, status
+    assert in_flight.get(timeout=5) == "begun before"
+    [status] = client.status().instances
+    assert status.ejected and status.ejections == 1, status
+    assert not events_named(captured, events.INSTANCE_RESTORED)
+
+
+@pytest.mark.parametrize("max_inflight", [1, 8])
+def test_no_request_is_written_with_less_than_min_time_left(
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    max_inflight: int,
+) -> None:
+    server = serve()
+    client = make_client(server.port, max_inflight=max_inflight, min_time_left=0.05)
+    assert client.echo("warm") == "warm"
+    calls = server.stats.calls
+    with pytest.raises(CallTimeoutError) as caught:
+        client.echo("too late to be worth it", timeout=0.04)
+    assert not caught.value.sent
+    assert client.echo("in time", timeout=1.0) == "in time"
+    assert server.stats.calls == calls + 1  # only the call in time reached the server
+    [status] = client.status().instances
+    assert (status.opened, status.closed, status.failures) == (1, 0, 0), status
+
+
+@pytest.mark.gevent_timeout(30)
+def test_concurrent_first_calls_start_the_client_once(
+    zk_hosts: str,
+    servers: Callable[..., ServerProcess],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    server = servers("--zookeeper", zk_hosts)
+    client = ServiceClient(echo_thrift.Echo, "echo", zookeeper=zk_hosts)
+    try:
+        callers = [gevent.spawn(client.whoami) for _ in range(5)]
+        gevent.joinall(callers, timeout=10, raise_error=True)
+        assert {caller.value for caller in callers} == {server.address}
+        assert len(events_named(captured, events.CLIENT_STARTED)) == 1
+    finally:
+        client.stop()

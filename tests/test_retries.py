@@ -1,0 +1,186 @@
+"""Retries over real servers: an idempotent call that failed after it was sent is made again
+on another instance, a call that may have run and is not idempotent never is, a declared
+"not run" exception is retried, the budget bounds the retries, and an attempt timeout moves
+an idempotent call off a frozen instance within its deadline."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
+
+import gevent
+import pytest
+
+from geventpool import events
+from geventpool.client.pool import PoolSettings
+from geventpool.client.retrying import Retry, RetryBudget
+from geventpool.client.service import ServiceClient
+from geventpool.config import parse_config
+from geventpool.discovery.instance import Instance
+from geventpool.errors import (
+    ConfigurationError,
+    RetriesExhaustedError,
+    RetryBudgetExhaustedError,
+    TransportError,
+)
+from geventpool.server.thrift_server import ThriftServer
+from geventpool.testing.echo import echo_thrift
+from geventpool.testing.processes import ServerProcess
+from helpers import events_named
+
+
+@pytest.fixture
+def hostile() -> Iterator[ServerProcess]:
+    """A hostile echo server: ``echo("close")`` closes the connection without a reply."""
+    server = ServerProcess([], module="geventpool.testing.hostile_server").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., ServiceClient]]:
+    made: list[ServiceClient] = []
+
+    def make(ports: list[int], **options: Any) -> ServiceClient:
+        pool = PoolSettings(**{"eject_after": 10_000, **options.pop("pool", {})})
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "echo",
+            instances=[Instance(host="127.0.0.1", port=port) for port in ports],
+            pool=pool,
+            balancer="round_robin",
+            call_timeout=options.pop("call_timeout", 5.0),
+            **options,
+        )
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.stop()
+
+
+@pytest.mark.parametrize("max_inflight", [1, 8])
+def test_an_idempotent_call_cut_after_it_was_sent_is_made_again_on_another_instance(
+    hostile: ServerProcess,
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+    max_inflight: int,
+) -> None:
+    assert hostile.port is not None
+    server = serve()
+    client = make_client(
+        [hostile.port, server.port],
+        retry=Retry(idempotent={"echo"}),
+        pool={"max_inflight": max_inflight},
+    )
+    assert [client.echo("close") for _ in range(6)] == ["close"] * 6
+    retried = events_named(captured, events.CALL_RETRIED)
+    assert len(retried) >= 2 and all(e["method"] == "echo" for e in retried), retried
+    assert server.stats.calls == 6  # each retried once, on the good instance
+    assert client.status().retries == len(retried)
+
+
+def test_a_call_that_may_have_run_and_is_not_idempotent_is_never_sent_again(
+    hostile: ServerProcess,
+    serve: Callable[..., ThriftServer],
+    make_client: Callable[..., ServiceClient],
+) -> None:
+    assert hostile.port is not None
+    server = serve()
+    client = make_client([hostile.port, server.port], retry=Retry(idempotent={"add"}))
+    outcomes = []
+    for _ in range(6):
+        try:
+            outcomes.append(client.echo("close"))
+        except TransportError as error:  # the error itself, as before retries existed
+            outcomes.append(error)
+    assert sum(isinstance(o, TransportError) for o in outcomes) == 3, outcomes
+    assert server.stats.calls == 3  # never the failed calls a second time
+    assert client.status().retries == 0
+
+
+def test_a_declared_not_run_exception_is_retried_on_each_instance_and_every_attempt_kept(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    servers = [serve(), serve()]
+    client = make_client([s.port for s in servers], retry=Retry(retries=2, retry_on={"Refused"}))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        client.refuse("busy")
+    attempts = caught.value.attempts
+    assert [type(a).__name__ for a in attempts] == ["Refused"] * 3
+    assert caught.value.sent
+    plain = make_client([s.port for s in servers])
+    with pytest.raises(echo_thrift.Refused):  # not listed: the call's outcome, raised as is
+        plain.refuse("busy")
+
+
+def test_the_retry_budget_bounds_the_retries_when_every_instance_fails(
+    make_client: Callable[..., ServiceClient],
+    hostile: ServerProcess,
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    """Every call fails after it was sent: the budget (no share of calls, 5 retries in its
+    window) lets five calls retry, then the error says it is spent."""
+    assert hostile.port is not None
+    client = make_client(
+        [hostile.port],
+        retry=Retry(retries=3, idempotent=True),
+        retry_budget=RetryBudget(percent=0.0, min_per_second=0.5, window=10.0),
+    )
+    outcomes = []
+    for _ in range(20):
+        with pytest.raises(RetriesExhaustedError) as caught:
+            client.echo("close")
+        outcomes.append(caught.value)
+    refused = [o for o in outcomes if isinstance(o, RetryBudgetExhaustedError)]
+    assert client.status().retries == 5 and len(refused) >= 18, outcomes
+    assert "retry budget, 0% of calls plus 0.5/s over 10s, is spent" in str(refused[-1])
+    assert client.status().retries_refused == len(refused)
+    assert len(events_named(captured, events.RETRY_BUDGET_EXHAUSTED)) == 1  # one a second
+
+
+@pytest.mark.gevent_timeout(30)
+def test_an_attempt_timeout_moves_an_idempotent_call_off_a_frozen_instance(
+    servers: Callable[..., ServerProcess], make_client: Callable[..., ServiceClient]
+) -> None:
+    frozen, live = servers(), servers()
+    assert frozen.port is not None and live.port is not None
+    client = make_client(
+        [frozen.port, live.port],
+        retry=Retry(idempotent=True, attempt_timeout=0.2),
+        call_timeout=2.0,
+        pool={"max_inflight": 1},
+    )
+    assert len({client.whoami() for _ in range(4)}) == 2
+    frozen.signal(signal.SIGSTOP)
+    try:
+        callers = [gevent.spawn(client.echo, f"call {n}") for n in range(20)]
+        gevent.joinall(callers, timeout=10, raise_error=True)
+        assert [c.value for c in callers] == [f"call {n}" for n in range(20)]
+    finally:
+        frozen.signal(signal.SIGCONT)
+
+
+def test_retry_settings_are_checked_and_read_from_toml() -> None:
+    with pytest.raises(ConfigurationError, match="retries must be an integer >= 0"):
+        Retry(retries=-1)
+    with pytest.raises(ConfigurationError, match="idempotent must be a collection of names"):
+        Retry(idempotent="echo")
+    with pytest.raises(ConfigurationError, match="not both"):
+        ServiceClient(echo_thrift.Echo, instances=[], retries=1, retry=Retry())
+    data = {
+        "services": {
+            "echo": {
+                "retry": {"retries": 1, "idempotent": ["echo"], "retry_on": ["Refused"]},
+                "retry_budget": {"percent": 0.1},
+            }
+        }
+    }
+    service = parse_config(data, {}, __import__("pathlib").Path(".")).services["echo"]
+    assert service.retry == Retry(retries=1, idempotent=frozenset({"echo"}), retry_on={"Refused"})
+    assert service.client_options()["retry_budget"].percent == 0.1
+    assert Retry(idempotent=True).may_resend("anything")
+    assert Retry(idempotent=lambda name: name.startswith("get")).may_resend("get_user")
