@@ -18,6 +18,7 @@ from thriftpy2.thrift import TApplicationException
 
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
+from geventpool.server import thrift_server
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.hostile_server import binary_header, mutate
@@ -382,3 +383,43 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def test_a_connections_queued_replies_never_pass_max_unsent_by_more_than_one_reply(
+    serve: Callable[..., ThriftServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each running call queues its reply only when it fits: 100 pipelined requests whose
+    replies are 0.12 MB each, from a peer that never reads, never queue more than
+    MAX_UNSENT plus one reply (32 calls run at once: before, each queued its reply and then
+    waited, 3.8 MB in all)."""
+    made: list[Any] = []
+    init = thrift_server._Replies.__init__
+
+    def recording(self: Any, sock: socket.socket) -> None:
+        init(self, sock)
+        made.append(self)
+
+    monkeypatch.setattr(thrift_server._Replies, "__init__", recording)
+    server = serve()
+    codec = MessageCodec("buffered", "binary")
+    requests = b"".join(
+        codec.encode("items", CALL, seqid, echo_thrift.Echo.items_args(count=5_000))
+        for seqid in range(1, 101)
+    )
+    reply_size = len(codec.encode("items", REPLY, 1, _items_result(5_000)))
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65_536)
+        sock.sendall(requests)
+        gevent.sleep(1.0)
+        [replies] = made
+        unsent = replies._unsent  # the peer has read nothing yet
+    assert 0 < unsent <= thrift_server.MAX_UNSENT + reply_size, (
+        unsent,
+        reply_size,
+    )
+
+
+def _items_result(count: int) -> Any:
+    return echo_thrift.Echo.items_result(
+        success=[echo_thrift.Item(id=n, name=f"item {n}") for n in range(count)]
+    )

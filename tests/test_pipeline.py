@@ -304,15 +304,7 @@ def test_a_request_held_up_in_the_queue_until_too_late_is_not_written(
     """A peer that reads nothing for 0.35 s holds the writer in the first call's large
     request; the call queued behind it has less than ``min_time_left`` when the writer comes
     to it, so it fails at once, not sent, and its bytes never reach the peer."""
-    mine, peer = socket.socketpair()
-    connection = PipelinedConnection(
-        Instance(host="127.0.0.1", port=1),
-        mine,
-        echo_thrift.Echo,
-        clock=time.monotonic,
-        expires_at=float("inf"),
-        min_time_left=0.2,
-    )
+    connection, peer = pipelined_pair(min_time_left=0.2)
     received = bytearray()
 
     def read_later() -> None:
@@ -336,3 +328,97 @@ def test_a_request_held_up_in_the_queue_until_too_late_is_not_written(
         connection.close()
         peer.close()
         gevent.killall([big, reader])
+
+
+@pytest.mark.parametrize("min_idle", [0, 1])
+def test_a_connection_with_room_is_shared_by_every_waiter_it_has_room_for(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient], min_idle: int
+) -> None:
+    """However a connection comes (opened by a caller, by min_idle's fill, released by its
+    last holder), its room goes to as many waiters as it has room for: a queue never forms
+    behind a connection that has room."""
+    server = serve()
+    client = pipelined(
+        server.port, max_connections=1, max_inflight=16, min_idle=min_idle, pool_timeout=0.5
+    )
+    client.start()  # with min_idle the callers queue while fill() opens the connection
+    [pool] = client._pools.values()
+    peak = 0
+
+    def caller(index: int) -> None:
+        nonlocal peak
+        for call in range(5):
+            assert client.slow_echo(f"{index}-{call}", 0.01) == f"{index}-{call}"
+            peak = max(peak, pool.in_use)
+
+    gevent.joinall([gevent.spawn(caller, i) for i in range(64)], timeout=20, raise_error=True)
+    assert peak == 16, peak
+    [status] = client.status().instances
+    assert (status.opened, status.in_use, status.waiters) == (1, 0, 0), status
+
+
+def pipelined_pair(**options: Any) -> tuple[PipelinedConnection, socket.socket]:
+    """A pipelined connection over a socket pair, and the peer's end."""
+    mine, peer = socket.socketpair()
+    connection = PipelinedConnection(
+        Instance(host="127.0.0.1", port=1),
+        mine,
+        echo_thrift.Echo,
+        clock=time.monotonic,
+        expires_at=float("inf"),
+        **options,
+    )
+    return connection, peer
+
+
+def test_a_oneway_call_being_written_when_the_connection_breaks_fails_at_once() -> None:
+    connection, peer = pipelined_pair()
+    try:
+        started = time.monotonic()
+        oneway = gevent.spawn(connection.call, "notify", ("x" * 16_000_000,), {}, started + 3.0)
+        gevent.sleep(0.1)  # the peer reads nothing: the writer is stuck in this request
+        peer.sendall(b"\xff" * 64)  # not a reply: the reader breaks the connection
+        with pytest.raises(TransportError):
+            oneway.get(timeout=2.0)
+        assert time.monotonic() - started < 1.0  # not at its deadline
+    finally:
+        connection.close()
+        peer.close()
+
+
+def test_late_calls_keep_no_request_bytes_and_too_many_break_the_connection_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("geventpool.client.pipeline.MAX_LATE", 4)
+    connection, peer = pipelined_pair()
+    drain = gevent.spawn(lambda: [None for _ in iter(lambda: peer.recv(1 << 20), b"")])
+    try:
+        for count in range(4):  # read, never answered: each caller leaves, its reply late
+            with pytest.raises(CallTimeoutError):
+                connection.call("echo", ("y" * 100_000,), {}, time.monotonic() + 0.05)
+            assert len(connection._late) == count + 1
+        assert all(call.request == b"" for call in connection._late.values())
+        assert not connection.broken
+        with pytest.raises(CallTimeoutError):
+            connection.call("echo", ("one too many",), {}, time.monotonic() + 0.05)
+        assert connection.broken  # at once, not at the reaper's next round
+    finally:
+        connection.close()
+        peer.close()
+        drain.kill()
+
+
+def test_a_call_running_past_the_servers_idle_timeout_keeps_its_connection_open(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient]
+) -> None:
+    """The connection is idle only once none of its calls runs: a request sent while a long
+    call runs is read and answered, on the same connection."""
+    server = serve(idle_timeout=0.3)
+    client = pipelined(server.port, max_connections=1, max_inflight=8)
+    slow = gevent.spawn(client.slow_echo, "slow", 0.8)
+    gevent.sleep(0.5)
+    assert client.echo("fast") == "fast"
+    assert slow.get(timeout=5) == "slow"
+    [status] = client.status().instances
+    assert (status.opened, status.closed) == (1, 0), status
+    wait_until(lambda: server.stats.connections == 0, 5)  # idle now: closed by the server

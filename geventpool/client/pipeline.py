@@ -17,8 +17,10 @@ before anything is written; every failure is typed), for any number of concurren
   :class:`~geventpool.errors.CallTimeoutError`, ``sent`` False.
 * **A deadline costs the caller, not the connection.** A caller whose deadline passes leaves at
   once with :class:`~geventpool.errors.CallTimeoutError`. A request not yet written is taken
-  back (``sent=False``); the late reply to one written is recognised by its sequence id and
-  dropped. The connection stays in service, unless its late replies pile up: a connection
+  back (``sent=False``); one in the batch the writer has begun to write is committed (it
+  leaves with the batch once the peer reads: ``sent=True``, it may run), and its late reply,
+  like any other, is recognised by its sequence id and dropped. A late call keeps no request
+  bytes. The connection stays in service, unless its late replies pile up: a connection
   whose oldest late reply is overdue by ``stuck_after`` seconds, or that owes more than
   :data:`MAX_LATE` of them, is stuck (:meth:`overdue`) and the pool breaks it.
 * **A break fails every call at once.** When the connection breaks (reset, end of file, a
@@ -62,6 +64,10 @@ _CLOSED = select.POLLHUP | select.POLLERR | select.POLLNVAL
 _SEQID_LIMIT = 2**31 - 1
 MAX_LATE = 1024
 """The most late replies (of callers that left) a connection waits for before it is stuck."""
+_YIELD_AFTER = 1 << 20
+"""The reader lets others run after this many bytes of replies (each counting 16 KiB more):
+a recv that finds data returns without a switch, so back-to-back replies would hold the hub."""
+_REPLY_WEIGHT = 1 << 14
 
 
 class _Call:
@@ -112,6 +118,7 @@ class PipelinedConnection:
         self._min_time_left = min_time_left  # with less left, a request is not written
         self._seqid = 0
         self._queue: list[_Call] = []  # encoded, not yet written
+        self._writing: list[_Call] = []  # the batch being written now
         self._pending: dict[int, _Call] = {}  # seqid -> call awaiting its reply
         self._late: dict[int, _Call] = {}  # seqid -> call whose caller left; reply dropped
         self._wake = Event()
@@ -193,6 +200,8 @@ class PipelinedConnection:
             return False
         if self._pending.pop(call.seqid, None) is not None:
             self._late[call.seqid] = call
+            if len(self._late) > MAX_LATE:
+                self.fail_stuck(self._clock())
         return True
 
     # -- the writer and the reader ---------------------------------------------------------------
@@ -219,8 +228,11 @@ class PipelinedConnection:
                         if len(batch) == 1
                         else b"".join([call.request for call in batch])
                     )
+                    self._writing = batch
                     sock.sendall(data)
+                    self._writing = []
                     for call in batch:
+                        call.request = b""  # a late reply's call keeps no request bytes
                         if call.spec.oneway:
                             self._hub.loop.run_callback(call.waiter.switch, None)
         except gevent.GreenletExit:
@@ -252,6 +264,7 @@ class PipelinedConnection:
         buffer, codec, more, expect = self._buffer, self._codec, self._more, self._expect
         pending, late = self._pending, self._late
         run_callback = self._hub.loop.run_callback
+        handled = 0
         try:
             while True:
                 if not buffer:
@@ -260,6 +273,10 @@ class PipelinedConnection:
                     buffer, expect, more, let_others_run
                 )
                 del buffer[:size]
+                handled += size + _REPLY_WEIGHT
+                if handled > _YIELD_AFTER:
+                    handled = 0
+                    let_others_run()
                 call = pending.pop(seqid, None)
                 if call is None:
                     late.pop(seqid, None)  # its caller left: dropped
@@ -287,10 +304,14 @@ class PipelinedConnection:
         if self.broken:
             return
         self.broken = True
-        calls = [*self._pending.values(), *(c for c in self._queue if c.spec.oneway)]
+        calls = [
+            *self._pending.values(),
+            *(c for c in (*self._writing, *self._queue) if c.spec.oneway),
+        ]
         self._pending.clear()
         self._late.clear()
         self._queue.clear()
+        self._writing = []
         run_callback = self._hub.loop.run_callback
         for call in calls:
             run_callback(call.waiter.switch, self._failure(call, error))

@@ -11,7 +11,9 @@
 * **Bounded waits.** A wait ends by ``pool_timeout`` (or the call's deadline) with
   :class:`~geventpool.errors.PoolExhaustedError` stating the numbers.
 * **Nothing leaks.** A caller killed at any point (``gevent.Timeout``, ``GreenletExit``)
-  gives back whatever it held or was being handed; a double release raises.
+  gives back whatever it held or was being handed; a double release raises (for a pipelined
+  connection, a release beyond its holders: a hold is counted, not tied to its caller, so
+  :class:`~geventpool.client.service.ServiceClient` releases each hold exactly once).
 * **No dying connection is handed out.** An idle connection is checked at checkout (broken,
   past its lifetime, closed by the peer, or failing the optional ``pre_ping``) and the reaper
   takes idle connections out of the stack before closing them. Broken connections are closed
@@ -351,23 +353,32 @@ class InstancePool:
                 self._discard(connection)
                 self._grant_slot()
             return
-        if self._max_inflight > 1 and holders == self._max_inflight - 1:
-            self._shared.append(connection)  # room again: for the oldest waiter, or anyone
-            self._hand_over(connection)
-            return
-        if holders == 0:
-            if self._max_inflight > 1:
-                self._shared.remove(connection)
-            self._deliver(connection)
+        if self._max_inflight > 1:
+            if holders == 0:
+                self._shared.remove(connection)  # handed on (or idle) below
+            elif holders == self._max_inflight - 1:
+                self._shared.append(connection)  # room again: for the waiters, or anyone
+                self._share_room(connection)
+                return
+            elif self._waiters:
+                self._share_room(connection)
+                return
+            else:
+                return
+        self._deliver(connection)
 
     def _opened(self, connection: PooledConnection) -> PooledConnection:
         """Take a new connection for its opener; pipelined, its room goes to the waiters that
         queued meanwhile."""
         self._take(connection)
-        if self._max_inflight > 1:
-            while connection.holders < self._max_inflight and self._hand_over(connection):
-                pass
+        self._share_room(connection)
         return connection
+
+    def _share_room(self, connection: PooledConnection) -> None:
+        """Give ``connection``'s room to the oldest waiters, as many as it has room for (one
+        with ``max_inflight`` 1): nobody may wait while a connection has room."""
+        while connection.holders < self._max_inflight and self._hand_over(connection):
+            pass
 
     def _hand_over(self, connection: PooledConnection) -> bool:
         """Give a hold on ``connection`` to the oldest waiter, if one is still waiting."""
@@ -380,8 +391,10 @@ class InstancePool:
         return False
 
     def _deliver(self, connection: PooledConnection) -> None:
-        """A connection nobody holds: to the oldest waiter, or onto the idle stack."""
-        if not self._hand_over(connection):
+        """A connection nobody holds: to the oldest waiters (pipelined: as many as it has
+        room for), or onto the idle stack."""
+        self._share_room(connection)
+        if connection.holders == 0:
             self._idle.append(connection)
 
     def _grant_slot(self) -> None:

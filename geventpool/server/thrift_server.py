@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -73,8 +74,8 @@ from geventpool.wire.scan import IncompleteMessageError, incomplete
 
 _YIELD_EVERY = 16  # requests answered in a row without blocking, before letting others run
 MAX_UNSENT = 1 << 20
-"""Bytes of a connection's replies written by its calls but not yet read by its peer, past
-which its calls wait to queue theirs (and its requests are no longer read)."""
+"""Bytes of a connection's replies queued but not yet taken by its peer, past which its calls
+wait to queue theirs and no new request of it starts (see ``_Replies``)."""
 
 
 _UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -115,11 +116,12 @@ class ServerStats:
 
 
 class _Connection:
-    __slots__ = ("calls", "sock")
+    __slots__ = ("answered_at", "calls", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.calls = 0  # handlers running for it
+        self.answered_at = time.monotonic()  # when its last concurrent call ended
 
     @property
     def busy(self) -> bool:
@@ -135,10 +137,12 @@ class _Connection:
 class _Replies:
     """The replies of one connection's concurrent calls, written as each is ready: a writer
     greenlet sends every reply finished in the same turn of the event loop with one
-    ``sendall``. Replies not yet sent are bounded: past :data:`MAX_UNSENT` bytes the call
-    that queues one waits (holding its slot, so the connection's requests are no longer
-    read) until the peer reads. A failed write ends it (the peer is gone); later replies are
-    dropped."""
+    ``sendall``. Replies not yet sent are bounded: the queue holds at most
+    :data:`MAX_UNSENT` bytes (or one larger reply); a call whose reply does not fit waits
+    for room, holding its slot, and no new request of the connection is started while the
+    queue is full. So a peer that never reads costs at most ``MAX_UNSENT`` plus the replies
+    of the ``concurrency`` calls already running. A failed write ends it (the peer is gone);
+    later replies are dropped."""
 
     __slots__ = ("_closing", "_failed", "_queue", "_room", "_sock", "_unsent", "_wake", "_writer")
 
@@ -153,14 +157,22 @@ class _Replies:
         self._writer = gevent.spawn(self._write_loop)
 
     def write(self, reply: bytes) -> None:
-        """Queue ``reply`` (a whole encoded message); wait while too much is unsent."""
+        """Queue ``reply`` (a whole encoded message) once there is room for it: the queue
+        holds at most :data:`MAX_UNSENT` bytes, or one reply larger than that."""
+        while self._unsent and self._unsent + len(reply) > MAX_UNSENT and not self._failed:
+            self._room.clear()
+            self._room.wait()
         if self._failed:
             return
         self._queue.append(reply)
         self._unsent += len(reply)
         if len(self._queue) == 1:
             self._wake.set()
-        if self._unsent > MAX_UNSENT:
+
+    def wait_for_room(self) -> None:
+        """Return once fewer than :data:`MAX_UNSENT` bytes are unsent (or the peer is gone):
+        no new call of the connection starts while its peer does not read its replies."""
+        while self._unsent >= MAX_UNSENT and not self._failed:
             self._room.clear()
             self._room.wait()
 
@@ -174,8 +186,7 @@ class _Replies:
                     data = batch[0] if len(batch) == 1 else b"".join(batch)
                     self._sock.sendall(data)
                     self._unsent -= len(data)
-                    if self._unsent <= MAX_UNSENT:
-                        self._room.set()
+                    self._room.set()  # the waiters see whether theirs fits now
                 if self._closing:
                     return
         except OSError:
@@ -506,7 +517,10 @@ class ThriftServer:
         try:
             while True:
                 if not buffer:
-                    more(1)  # waits for a request up to the idle timeout (the socket's)
+                    if running is None:
+                        more(1)  # waits for a request up to the idle timeout (the socket's)
+                    else:
+                        self._await_request(sock, more, running, connection)
                 try:
                     message = codec.split(buffer, expect, incomplete, let_others_run)
                 except IncompleteMessageError:
@@ -519,7 +533,8 @@ class ThriftServer:
                     with gevent.Timeout(self._request_timeout, late):
                         message = codec.split(buffer, expect, more, let_others_run)
                 del buffer[: message[4]]
-                if running is not None:
+                if running is not None and replies is not None:
+                    replies.wait_for_room()
                     running.spawn(self._answer, codec, message, connection, replies)
                 else:
                     name, message_type, seqid, body, _, values = message
@@ -542,6 +557,35 @@ class ThriftServer:
                     replies.abort()
                     raise
 
+    def _await_request(
+        self,
+        sock: socket.socket,
+        more: Callable[[int], int],
+        running: gevent.pool.Pool,
+        connection: _Connection,
+    ) -> None:
+        """Wait for a request of a connection served concurrently: it is idle only once none
+        of its calls runs and none ended within the idle timeout (the socket's timeout,
+        which is restored)."""
+        idle_timeout = self._idle_timeout
+        if idle_timeout is None:
+            more(1)
+            return
+        try:
+            while True:
+                try:
+                    more(1)
+                    return
+                except TimeoutError:
+                    idle_for = time.monotonic() - connection.answered_at
+                    if not len(running) and idle_for >= idle_timeout:
+                        raise
+                    wait = idle_timeout if len(running) else idle_timeout - idle_for
+                    sock.settimeout(max(wait, 0.001))
+        finally:
+            if sock.gettimeout() != idle_timeout:
+                sock.settimeout(idle_timeout)
+
     def _answer(
         self, codec: MessageCodec, message: Message, connection: _Connection, replies: _Replies
     ) -> None:
@@ -561,6 +605,7 @@ class ThriftServer:
         self.stats.calls += 1
         if reply is not None and message_type == CALL:
             replies.write(reply)
+        connection.answered_at = time.monotonic()
 
     def _handler_failed(self, api: str, error: Exception) -> None:
         self.stats.handler_errors += 1
