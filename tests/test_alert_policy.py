@@ -79,6 +79,25 @@ def test_occurrences_are_told_apart_by_their_key() -> None:
     ]
 
 
+def test_an_unresponsive_instance_is_its_own_condition_and_ends_when_it_answers() -> None:
+    alerts = policy()
+    where = {"service": "calc", "instance": "a:1"}
+    told = run(
+        alerts,
+        [
+            (0.0, events.INSTANCE_EJECTED, where),
+            (0.0, events.INSTANCE_UNRESPONSIVE, {**where, "timeouts": 3}),
+            (5.0, events.INSTANCE_RESTORED, where),
+        ],
+    )
+    assert told == [
+        (0.0, FIRING, "instance_ejected", 0),
+        (0.0, FIRING, "instance_unresponsive", 0),
+        (5.0, RESOLVED, "instance_ejected", 1),
+        (5.0, RESOLVED, "instance_unresponsive", 1),
+    ]
+
+
 def test_zookeeper_outage_is_told_only_after_its_grace_and_resolved_on_reconnect() -> None:
     zk = events.ZOOKEEPER_STATE_CHANGED
     hosts = {"hosts": "zk1:2181"}

@@ -4,22 +4,26 @@ a graceful stop (SIGTERM) costs nothing."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import pytest
 
+from geventpool import events
 from geventpool.client.pool import PoolSettings
+from geventpool.client.retrying import Retry
 from geventpool.client.service import ServiceClient
 from geventpool.errors import CallTimeoutError, TransportError
 from geventpool.server.thrift_server import Registration, ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
-from helpers import wait_until
+from helpers import events_named, wait_until
 
 
 @dataclass
@@ -205,3 +209,52 @@ def test_a_server_restarted_on_its_port_with_another_transport_is_called_as_it_i
     assert old_pool.state == "retired"
     [status] = client.status().instances
     assert status.failures == 0, status
+
+
+@pytest.mark.gevent_timeout(60)
+def test_a_sigstopped_server_costs_no_idempotent_call_and_strands_no_waiter(
+    zk_hosts: str,
+    servers: Callable[..., ServerProcess],
+    load: Callable[[ServiceClient], Load],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    """One of three instances freezes for 3 s under a load that keeps callers waiting (9
+    connections for 30 callers). Waiters are served by whichever instance has room first,
+    so none waits out pool_timeout behind the frozen one; the calls stuck on it are cut by
+    attempt_timeout and, idempotent, made again elsewhere."""
+    processes = [servers("--zookeeper", zk_hosts) for _ in range(3)]
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        zookeeper=zk_hosts,
+        pool=PoolSettings(max_connections=3, max_inflight=1, pool_timeout=0.5, eject_after=3),
+        retry=Retry(idempotent=True, attempt_timeout=1.0),
+        call_timeout=5.0,
+    )
+    client.start()
+    try:
+        assert client._membership is not None
+        assert client._membership.wait_for(lambda view: len(view) == 3, 5)
+        running = load(client)
+        running.start(30)
+        gevent.sleep(0.5)
+        frozen = processes[0]
+        frozen.signal(signal.SIGSTOP)
+        try:
+            gevent.sleep(3.0)
+        finally:
+            frozen.signal(signal.SIGCONT)
+        gevent.sleep(0.5)
+        running.stop()
+        served = sum(running.served.values())
+        failures = [error for _, error in running.failures]
+        print(f"{served} calls served, {len(failures)} failed: {failures[:3]}")
+        assert failures == []
+        assert served > 200
+        ejected = events_named(captured, events.INSTANCE_EJECTED)
+        assert {e["instance"] for e in ejected} <= {frozen.address}
+        unresponsive = events_named(captured, events.INSTANCE_UNRESPONSIVE)
+        assert {e["instance"] for e in unresponsive} == {frozen.address}
+        assert not events_named(captured, events.POOL_EXHAUSTED)
+    finally:
+        client.stop()

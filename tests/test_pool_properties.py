@@ -25,7 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from geventpool import events
 from geventpool.client.connection import Connection, PooledConnection
-from geventpool.client.pool import InstancePool, PoolSettings
+from geventpool.client.pool import InstancePool, PoolSettings, WaitingRoom
 from geventpool.discovery.instance import Instance
 from geventpool.errors import ConnectError, PoolClosedError, PoolError, PoolExhaustedError
 
@@ -153,9 +153,10 @@ test_pool_bookkeeping_survives_random_callers_kills_and_failing_connects = PoolM
 
 
 def _pool_of(
-    max_connections: int = 1,
+    max_connections: int = 1, room: WaitingRoom | None = None, port: int = 9090
 ) -> tuple[InstancePool, list[socket.socket], Callable[..., Connection]]:
-    """A pool of socket-pair connections, their peers, and its connect function."""
+    """A pool of socket-pair connections, their peers, and its connect function (``room``:
+    the waiting room it shares with other pools of its service)."""
     peers: list[socket.socket] = []
 
     def connect(instance: Instance, service: Any, **options: Any) -> Connection:
@@ -164,7 +165,40 @@ def _pool_of(
         return Connection(instance, mine, None, clock=options["clock"], expires_at=float("inf"))
 
     settings_ = PoolSettings(max_connections=max_connections, pool_timeout=5.0)
-    return InstancePool("svc", INSTANCE, None, settings_, connect=connect), peers, connect
+    instance = Instance(host="127.0.0.1", port=port)
+    pool = InstancePool("svc", instance, None, settings_, connect=connect, room=room)
+    return pool, peers, connect
+
+
+def test_the_oldest_waiter_of_the_service_is_served_by_whichever_pool_has_room_first() -> None:
+    """Callers queued at a frozen instance's pool are served by another instance's pool as
+    its connections come back, in the order they came, before anyone who came later."""
+    room = WaitingRoom()
+    frozen, peers, _ = _pool_of(room=room, port=1)
+    healthy, more_peers, _ = _pool_of(room=room, port=2)
+    room.pools = [frozen, healthy]
+    stuck = frozen.acquire(time.monotonic() + 1)  # never comes back
+    busy = healthy.acquire(time.monotonic() + 1)
+    served: list[tuple[int, InstancePool]] = []
+
+    def waiter(index: int, pool: InstancePool) -> None:
+        got_pool, connection = pool.checkout(time.monotonic() + 5)
+        served.append((index, got_pool))
+        gevent.sleep(0.01)
+        got_pool.release(connection)
+
+    waiters = [gevent.spawn(waiter, 0, frozen), gevent.spawn(waiter, 1, frozen)]
+    gevent.sleep(0.01)
+    waiters.append(gevent.spawn(waiter, 2, healthy))  # came last, queued at the healthy one
+    gevent.sleep(0.01)
+    assert (frozen.waiting, healthy.waiting, room.count) == (2, 1, 3)
+    healthy.release(busy)
+    gevent.joinall(waiters, timeout=5, raise_error=True)
+    assert served == [(0, healthy), (1, healthy), (2, healthy)]
+    assert (frozen.in_use, healthy.in_use, healthy.status().idle, room.count) == (1, 0, 1, 0)
+    frozen.release(stuck)
+    for peer in [*peers, *more_peers]:
+        peer.close()
 
 
 def test_a_waiter_killed_right_after_being_handed_a_connection_passes_it_on() -> None:

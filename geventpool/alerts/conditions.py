@@ -93,6 +93,16 @@ CONDITIONS: tuple[Condition, ...] = (
         key_fields=("service", "instance"),
     ),
     Condition(
+        name="instance_unresponsive",
+        title="instance does not answer: its calls time out",
+        severity="warning",
+        advice="the instance takes connections but does not answer (frozen, overloaded or"
+        " cut off): check it; clients route around it and probe it again",
+        fires=_named(events.INSTANCE_UNRESPONSIVE),
+        clears=_named(events.INSTANCE_RESTORED, events.INSTANCE_LEFT),
+        key_fields=("service", "instance"),
+    ),
+    Condition(
         name="zookeeper_unreachable",
         title="ZooKeeper unreachable",
         severity="critical",

@@ -91,7 +91,7 @@ class Checkout:
                     raise PoolClosedError(f"client of {self._service_name!r} is closed")
                 raise NoInstancesError(self._service_name)
             try:
-                return pool, pool.acquire(deadline)
+                return pool.checkout(deadline)
             except (ConnectError, PoolClosedError) as error:
                 if isinstance(error, ConnectError) and error.deadline_spent:
                     raise CallTimeoutError(pool.name, method, 0.0, sent=False) from error

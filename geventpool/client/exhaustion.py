@@ -36,17 +36,22 @@ class ExhaustionReporter:
         self._last_event = float("-inf")
 
     def report(self, pools: Sequence[InstancePool], waited: float) -> PoolExhaustedError:
-        """The error for a caller refused after ``waited`` seconds; the event if it is due."""
+        """The error for a caller refused after ``waited`` seconds; the event if it is due.
+        Both count only the instances that can take calls (ejected ones are named apart):
+        the capacity that ran out is theirs."""
+        now = self._clock()
+        able = [p for p in pools if p.available(now)]
+        out = [p.name for p in pools if not p.available(now)]
+        counted = able or list(pools)
         error = PoolExhaustedError(
             self._service_name,
-            sum(p.max_connections for p in pools),
-            sum(p.in_use for p in pools),
+            sum(p.max_connections for p in counted),
+            sum(p.in_use for p in counted),
             sum(p.waiting for p in pools),
             waited,
-            sum(p.capacity for p in pools),
+            sum(p.capacity for p in counted),
         )
         self.count += 1
-        now = self._clock()
         if now - self._last_event < self._interval:
             self._suppressed += 1
             return error
@@ -68,9 +73,11 @@ class ExhaustionReporter:
                     "capacity": p.capacity,
                     "waiters": p.waiting,
                 }
-                for p in pools
+                for p in counted
             ],
-            advice="every connection is busy: add server instances or raise max_connections",
+            out_of_rotation=out,
+            advice="every connection is busy: add server instances or raise max_connections"
+            + (f" ({len(out)} ejected instances take no calls: check them)" if out else ""),
         )
         self._last_event = now
         self._suppressed = 0

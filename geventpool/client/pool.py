@@ -4,10 +4,13 @@
 
 * **The cap always holds.** ``in_use + idle + opening <= max_connections``: a slot is taken
   *before* a connect yields, so concurrent callers can never open more than the maximum.
-* **First come, first served.** When nothing is free, callers queue; a released connection is
-  handed straight to the oldest waiter (the releasing greenlet cannot take it back), and a
-  freed slot is granted to the oldest waiter to open a new connection. Nobody overtakes a
-  waiter, so no waiter starves.
+* **First come, first served, across the service.** When nothing is free, callers queue in
+  one :class:`WaitingRoom` shared by every pool of the service; a released connection (or
+  its room, pipelined) is handed straight to the oldest waiter, whichever pool it queued at
+  (the releasing greenlet cannot take it back), and a freed slot is granted to the oldest
+  waiter to open a new connection. Nobody overtakes a waiter, so no waiter starves, and no
+  waiter stays stranded behind a frozen or slow instance while another has room. An ejected
+  instance hands nothing to waiters.
 * **Bounded waits.** A wait ends by ``pool_timeout`` (or the call's deadline) with
   :class:`~geventpool.errors.PoolExhaustedError` stating the numbers.
 * **Nothing leaks.** A caller killed at any point (``gevent.Timeout``, ``GreenletExit``)
@@ -63,6 +66,43 @@ _OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a 
 _CANCELLED = object()  # a waiter that left; whoever pops it passes it over
 _SHUT = object()  # the pool retired or closed while the waiter waited
 _EJECTED = object()  # the instance was ejected while the waiter waited: go elsewhere
+
+
+class _Waiter:
+    """A caller waiting in a :class:`WaitingRoom`; ``pool`` is where it queued."""
+
+    __slots__ = ("pool", "result")
+
+    def __init__(self, pool: InstancePool) -> None:
+        self.pool = pool
+        self.result = AsyncResult()
+
+
+class WaitingRoom:
+    """The callers waiting for a connection in any pool of one service, oldest first: any
+    pool with room serves the oldest of them (see the module)."""
+
+    __slots__ = ("count", "pools", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[_Waiter] = deque()  # oldest first; also some that left
+        self.count = 0  # waiting and not yet served
+        self.pools: list[InstancePool] = []  # the service's pools (ServicePools keeps it)
+
+    def next(self) -> _Waiter | None:
+        """Take the oldest waiter still waiting (it is being served), or None."""
+        queue = self.queue
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.result.ready():
+                self.count -= 1
+                return waiter
+        return None
+
+    def tell(self, waiter: _Waiter, value: object) -> None:
+        """Serve ``waiter`` (still waiting, not taken by :meth:`next`) with ``value``."""
+        self.count -= 1
+        waiter.result.set(value)
 
 
 @dataclass(frozen=True)
@@ -186,6 +226,7 @@ class InstancePool:
         *,
         clock: Callable[[], float] = time.monotonic,
         connect: Connector = open_connection,
+        room: WaitingRoom | None = None,
     ) -> None:
         self.instance = instance
         self.name = str(instance)
@@ -199,13 +240,14 @@ class InstancePool:
         self._shared: list[PooledConnection] = []  # held, with room for more calls (pipelined)
         self._open_connections: set[PooledConnection] = set()  # idle and held
         self._held = 0  # connections held by at least one caller
-        self._waiters: deque[AsyncResult] = deque()
-        self._waiting = 0
+        self._room = room if room is not None else WaitingRoom()  # shared by the service
+        self._waiting = 0  # callers that queued at this pool, waiting now
         self._in_use = 0  # calls holding a connection (with max_inflight 1: connections held)
         self._checking = 0  # taken off the idle stack for a pre_ping, not yet handed out
         self._opening = 0  # slots reserved by callers whose connect is under way
         self.state = ACTIVE
         self.failures = 0
+        self._timeouts = 0  # of the failures in a row, how many were timeouts in a row
         self._ejected_until: float | None = None
         self._ejections_in_row = 0
         self.opened = self.closed = self.reaped = self.checkouts = self.ejections = 0
@@ -239,8 +281,9 @@ class InstancePool:
         return self._settings.max_connections
 
     def has_capacity(self) -> bool:
-        """Whether a caller would get a connection without waiting."""
-        return self._waiting == 0 and (
+        """Whether a caller would get a connection without waiting (nobody waits anywhere
+        in the service, and this pool has room)."""
+        return self._room.count == 0 and (
             bool(self._idle)
             or bool(self._shared)
             or self._held + self._checking + len(self._idle) + self._opening
@@ -254,27 +297,33 @@ class InstancePool:
         :class:`PoolExhaustedError` when the wait ends, :class:`PoolClosedError` when the pool
         is retired or closed.
         """
+        return self.checkout(deadline)[1]
+
+    def checkout(self, deadline: float) -> tuple[InstancePool, PooledConnection]:
+        """As :meth:`acquire`, and which pool the connection is from: a caller that waits
+        is served by whichever pool of the service has room first."""
         if self.state is not ACTIVE:
             raise PoolClosedError(f"pool of {self.name} is {self.state}")
-        if self._waiting == 0:
-            if self._waiters:
-                self._waiters.clear()  # only cancelled waiters are left in it
+        room = self._room
+        if room.count == 0:  # nobody waits anywhere: nobody is overtaken
+            if room.queue:
+                room.queue.clear()  # only waiters that left are in it
             now = self._clock()
             while self._idle:
                 connection = self._idle.pop()
                 if connection.usable(now) and self._ping(connection, deadline):
                     if self.state is ACTIVE:
-                        return self._take(connection)
+                        return self, self._take(connection)
                     self._discard(connection)  # retired, closed or ejected during the ping
                     raise PoolClosedError(f"pool of {self.name} is {self.state}")
                 self._discard(connection)
             if self._shared:
                 least = self._least_loaded()
                 if least is not None:
-                    return self._take(least)
+                    return self, self._take(least)
             if self._held + self._checking + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
-                return self._opened(self._open(deadline))
+                return self, self._opened(self._open(deadline))
         return self._wait(deadline)
 
     def _least_loaded(self) -> PooledConnection | None:
@@ -360,7 +409,7 @@ class InstancePool:
                 self._shared.append(connection)  # room again: for the waiters, or anyone
                 self._share_room(connection)
                 return
-            elif self._waiters:
+            elif self._room.count:
                 self._share_room(connection)
                 return
             else:
@@ -381,37 +430,73 @@ class InstancePool:
             pass
 
     def _hand_over(self, connection: PooledConnection) -> bool:
-        """Give a hold on ``connection`` to the oldest waiter, if one is still waiting."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if waiter.ready():
-                continue  # it left already
-            waiter.set(self._take(connection))
+        """Give a hold on ``connection`` to the service's oldest waiter, if one is still
+        waiting (an ejected instance serves only when no other can: see :meth:`_serves`)."""
+        room = self._room
+        if not room.count or not self._serves():
+            return False
+        waiter = room.next()
+        if waiter is None:
+            return False
+        waiter.result.set((self, self._take(connection)))
+        return True
+
+    def _serves(self) -> bool:
+        """Whether this pool may hand room to waiters: not when it is ejected (on probation
+        too) while another instance of the service is available."""
+        if self._ejected_until is None:
             return True
-        return False
+        now = self._clock()
+        return not any(p is not self and p.available(now) for p in self._room.pools)
 
     def _deliver(self, connection: PooledConnection) -> None:
         """A connection nobody holds: to the oldest waiters (pipelined: as many as it has
         room for), or onto the idle stack."""
-        self._share_room(connection)
+        if self._room.count:
+            self._share_room(connection)
         if connection.holders == 0:
             self._idle.append(connection)
 
     def _grant_slot(self) -> None:
         """Give a free slot to the oldest waiter, which will open a connection with it."""
-        if self.state is not ACTIVE:
+        if self.state is not ACTIVE or not self._room.count or not self._serves():
             return
-        while (
-            self._waiters
-            and self._held + self._checking + len(self._idle) + self._opening
+        if (
+            self._held + self._checking + len(self._idle) + self._opening
             < self._settings.max_connections
         ):
-            waiter = self._waiters.popleft()
-            if waiter.ready():
-                continue
-            self._opening += 1
-            waiter.set(_OPEN_SLOT)
+            waiter = self._room.next()
+            if waiter is not None:
+                self._opening += 1
+                waiter.result.set((self, _OPEN_SLOT))
+
+    def _serve_room(self) -> None:
+        """Give whatever room this pool has to the service's waiters, oldest first (a caller
+        that found someone waiting calls it before it queues, so that room here never sits
+        unused behind a queue: the balancer may have sent the waiters elsewhere)."""
+        room = self._room
+        if self.state is not ACTIVE or not self._serves():
             return
+        now = self._clock()
+        while room.count and self._idle:
+            connection = self._idle.pop()
+            if not connection.usable(now):
+                self._discard(connection)
+                continue
+            self._share_room(connection)
+            if connection.holders == 0:
+                self._idle.append(connection)
+                return
+        for connection in list(self._shared):
+            if not room.count:
+                return
+            if not connection.broken:
+                self._share_room(connection)
+        while room.count:
+            opening = self._opening
+            self._grant_slot()
+            if self._opening == opening:
+                return
 
     def _open(self, deadline: float) -> PooledConnection:
         """Open a connection in the slot the caller reserved (``_opening`` counts it)."""
@@ -446,44 +531,62 @@ class InstancePool:
             raise PoolClosedError(f"pool of {self.name} is {self.state}")
         return connection
 
-    def _wait(self, deadline: float) -> PooledConnection:
+    def _wait(self, deadline: float) -> tuple[InstancePool, PooledConnection]:
+        """Queue in the service's waiting room until any pool of the service hands this
+        caller a connection (or a slot to open one), by ``pool_timeout`` at the latest."""
         now = self._clock()
         timeout = min(deadline - now, self._settings.pool_timeout)
         if timeout <= 0:
             raise self.exhausted(0.0)
-        waiter = AsyncResult()
-        self._waiters.append(waiter)
+        room = self._room
+        if room.count:
+            self._serve_room()  # room here goes to those who came first
+        waiter = _Waiter(self)
+        room.queue.append(waiter)
+        room.count += 1
         self._waiting += 1
+        result = waiter.result
         try:
-            value = waiter.wait(timeout)
+            value = result.wait(timeout)
         except BaseException:
             self._abandon(waiter)
             raise
         finally:
             self._waiting -= 1
-        if not waiter.ready():
+        if not result.ready():
             self._abandon(waiter)
             raise self.exhausted(timeout)
-        if value is _OPEN_SLOT:
-            return self._opened(self._open(deadline))
-        if value is _SHUT or value is _EJECTED:
-            reason = "was ejected" if value is _EJECTED else f"is {self.state}"
-            raise PoolClosedError(f"pool of {self.name} {reason}")
-        connection: PooledConnection = value
-        return connection
+        if isinstance(value, tuple):
+            pool, what = value
+            if what is _OPEN_SLOT:
+                return pool, pool.open_in_slot(deadline)
+            return pool, what
+        reason = "was ejected" if value is _EJECTED else f"is {self.state}"
+        raise PoolClosedError(f"pool of {self.name} {reason}")
 
-    def _abandon(self, waiter: AsyncResult) -> None:
+    def open_in_slot(self, deadline: float) -> PooledConnection:
+        """Open a connection in the slot this pool granted to a waiter, for that waiter."""
+        return self._opened(self._open(deadline))
+
+    def give_back_slot(self) -> None:
+        """The waiter granted a slot here left: the slot goes to the next one."""
+        self._opening -= 1
+        self._grant_slot()
+
+    def _abandon(self, waiter: _Waiter) -> None:
         """The waiter leaves: pass on whatever was handed to it meanwhile."""
-        if not waiter.ready():
-            waiter.set(_CANCELLED)
+        result = waiter.result
+        if not result.ready():
+            self._room.tell(waiter, _CANCELLED)  # it leaves unserved
             return
-        value = waiter.value
-        if value is _OPEN_SLOT:
-            self._opening -= 1
-            self._grant_slot()
-        elif value is not _CANCELLED and value is not _SHUT and value is not _EJECTED:
-            self.checkouts -= 1
-            self.release(value)
+        value = result.value
+        if isinstance(value, tuple):
+            pool, what = value
+            if what is _OPEN_SLOT:
+                pool.give_back_slot()
+            else:
+                pool.checkouts -= 1
+                pool.release(what)
 
     def exhausted(self, waited: float) -> PoolExhaustedError:
         """The error for a wait of ``waited`` seconds that found nothing free."""
@@ -538,7 +641,7 @@ class InstancePool:
 
     def record_success(self) -> None:
         """A call succeeded: the consecutive failures end, an ejection is over."""
-        self.failures = 0
+        self.failures = self._timeouts = 0
         if self._ejections_in_row:
             self._ejections_in_row = 0
             self._ejected_until = None
@@ -550,6 +653,7 @@ class InstancePool:
         if isinstance(error, CallTimeoutError) and not error.sent:
             return
         self.failures += 1
+        self._timeouts = self._timeouts + 1 if isinstance(error, CallTimeoutError) else 0
         self.last_error = repr(error)
         now = self._clock()
         settings = self._settings
@@ -565,7 +669,7 @@ class InstancePool:
         for connection in self._idle:  # they are likely dead too
             self._discard(connection)
         self._idle.clear()
-        self._wake_waiters(_EJECTED)  # they would only try to connect to it: go elsewhere
+        self._wake_mine(_EJECTED)  # those that queued here: choose again (go elsewhere)
         events.emit(
             events.INSTANCE_EJECTED,
             "warning",
@@ -575,6 +679,16 @@ class InstancePool:
             seconds=backoff,
             error=self.last_error,
         )
+        if self._timeouts >= settings.eject_after:
+            events.emit(
+                events.INSTANCE_UNRESPONSIVE,
+                "warning",
+                service=self._service_name,
+                instance=self.name,
+                timeouts=self._timeouts,
+                advice="it takes connections but does not answer (frozen, overloaded or cut"
+                " off): check that instance; clients route around it meanwhile",
+            )
 
     # -- upkeep --------------------------------------------------------------------------------
 
@@ -635,13 +749,15 @@ class InstancePool:
         for connection in self._idle:
             self._discard(connection)
         self._idle.clear()
-        self._wake_waiters(_SHUT)
+        self._wake_mine(_SHUT)
 
-    def _wake_waiters(self, reason: object) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.ready():
-                waiter.set(reason)
+    def _wake_mine(self, reason: object) -> None:
+        """Tell ``reason`` to the waiters that queued at this pool (others of the service
+        may still serve the rest)."""
+        room = self._room
+        for waiter in room.queue:
+            if waiter.pool is self and not waiter.result.ready():
+                room.tell(waiter, reason)
 
     def descriptors(self) -> list[int]:
         """The descriptors of every open connection, idle or checked out."""
@@ -655,7 +771,7 @@ class InstancePool:
             connection.close()
         self._open_connections.clear()
         self._idle.clear()
-        self._waiters.clear()
+        self._room.queue.clear()
 
     def status(self) -> InstanceStatus:
         """A snapshot of this pool; ``state`` is active, ejected, retired or closed."""

@@ -21,7 +21,14 @@ from typing import Any
 
 import gevent
 
-from geventpool.client.pool import CLOSED, RETIRED, InstancePool, InstanceStatus, PoolSettings
+from geventpool.client.pool import (
+    CLOSED,
+    RETIRED,
+    InstancePool,
+    InstanceStatus,
+    PoolSettings,
+    WaitingRoom,
+)
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.membership import MembershipChange
 
@@ -43,6 +50,7 @@ class ServicePools(Mapping[str, InstancePool]):
         self._clock = clock
         self._by_id: dict[str, InstancePool] = {}
         self.active: list[InstancePool] = []  # what the balancer chooses from
+        self._room = WaitingRoom()  # one queue for the service: the oldest waiter first
         self.closed = False
         self._reaper: gevent.Greenlet | None = None
 
@@ -73,11 +81,17 @@ class ServicePools(Mapping[str, InstancePool]):
         fresh = []
         for instance in joined:
             pool = InstancePool(
-                self._service_name, instance, self._service, self._settings, clock=self._clock
+                self._service_name,
+                instance,
+                self._service,
+                self._settings,
+                clock=self._clock,
+                room=self._room,
             )
             self._by_id[instance.id or str(instance)] = pool
             fresh.append(pool)
         self.active = list(self._by_id.values())
+        self._room.pools = self.active
         if self._settings.min_idle:
             for pool in fresh:
                 gevent.spawn(pool.fill)
