@@ -184,3 +184,19 @@ def test_retry_settings_are_checked_and_read_from_toml() -> None:
     assert service.client_options()["retry_budget"].percent == 0.1
     assert Retry(idempotent=True).may_resend("anything")
     assert Retry(idempotent=lambda name: name.startswith("get")).may_resend("get_user")
+
+
+def test_the_retry_budget_is_a_sliding_window_of_calls_and_retries() -> None:
+    now = 0.0
+    budget = RetryBudget(percent=0.5, min_per_second=0.0, window=10.0, clock=lambda: now)
+    budget.calls += 100
+    assert budget.available(now) == 50
+    assert all(budget.withdraw(now) for _ in range(50))
+    assert not budget.withdraw(now) and budget.refused == 1
+    for second in range(1, 12):  # the reaper's ticks: the calls and retries age out
+        now = float(second)
+        budget.tick(now)
+    assert budget.available(now) == 0
+    budget.calls += 10
+    assert budget.available(now) == 5
+    assert RetryBudget(clock=lambda: 0.0).available(0.0) == 100  # 10/s over 10 s, no calls

@@ -98,14 +98,17 @@ class ServicePools(Mapping[str, InstancePool]):
 
     # -- upkeep --------------------------------------------------------------------------------
 
-    def start_reaper(self) -> None:
-        """Start the background upkeep (idempotent)."""
+    def start_reaper(self, tick: Callable[[float], None] | None = None) -> None:
+        """Start the background upkeep (idempotent); ``tick(now)`` runs on every round too
+        (the client's retry budget marks its window with it)."""
         if self._reaper is None:
-            self._reaper = gevent.spawn(self._reap_forever)
+            self._reaper = gevent.spawn(self._reap_forever, tick)
 
-    def _reap_forever(self) -> None:
+    def _reap_forever(self, tick: Callable[[float], None] | None) -> None:
         while True:
             gevent.sleep(self._settings.reap_interval)
+            if tick is not None:
+                tick(self._clock())
             for pool in list(self.active):
                 try:
                     pool.reap()

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from geventpool import events
 from geventpool.errors import (
@@ -131,74 +132,62 @@ def classify(error: BaseException, retry: Retry, method: str, time_left: bool) -
     return None
 
 
-@dataclass
 class RetryBudget:
     """Finagle's retry budget: over the last ``window`` seconds, retries may reach
     ``percent`` of the calls plus ``min_per_second`` per second of the window.
 
-    Calls and retries are counted in one-second buckets, so :meth:`deposit` (every call)
-    costs an integer compare and an add.
+    Counting a call costs one increment of :attr:`calls` (the client's call path does it);
+    the window is kept by marks of the counters, taken by :meth:`tick` (the client's reaper
+    calls it every ``reap_interval``) and whenever a retry is asked for.
     """
 
-    percent: float = 0.2
-    min_per_second: float = 10.0
-    window: float = 10.0
-    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
-    retries: int = field(default=0, init=False)  # retries made since the start
-    refused: int = field(default=0, init=False)  # retries the budget refused
-    _second: int = field(default=0, init=False, repr=False)
-    _calls: list[int] = field(default_factory=list, init=False, repr=False)
-    _spent: list[int] = field(default_factory=list, init=False, repr=False)
-    _calls_total: int = field(default=0, init=False, repr=False)
-    _spent_total: int = field(default=0, init=False, repr=False)
+    def __init__(
+        self,
+        percent: float = 0.2,
+        min_per_second: float = 10.0,
+        window: float = 10.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(percent, bool) or not isinstance(percent, int | float):
+            raise ConfigurationError(f"percent must be a number, not {percent!r}")
+        if not 0 <= percent <= 10:
+            raise ConfigurationError(f"percent must be from 0 to 10, not {percent!r}")
+        check_seconds("min_per_second", min_per_second, zero=True)
+        check_seconds("window", window)
+        self.percent = float(percent)
+        self.min_per_second = float(min_per_second)
+        self.window = float(window)
+        self.clock = clock
+        self.calls = 0  # calls since the start: the client adds one per call
+        self.retries = 0  # retries taken since the start
+        self.refused = 0  # retries the budget refused
+        self._marks: deque[tuple[float, int, int]] = deque([(clock(), 0, 0)])
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.percent, int | float) or not 0 <= self.percent <= 10:
-            raise ConfigurationError(f"percent must be from 0 to 10, not {self.percent!r}")
-        check_seconds("min_per_second", self.min_per_second, zero=True)
-        check_seconds("window", self.window)
-        slots = max(1, int(self.window))
-        self._calls = [0] * slots
-        self._spent = [0] * slots
-        self._second = int(self.clock())
-
-    def deposit(self, now: float) -> None:
-        """Count one call made at ``now`` (clock seconds)."""
-        second = int(now)
-        if second != self._second:
-            self._advance(second)
-        self._calls[second % len(self._calls)] += 1
-        self._calls_total += 1
+    def tick(self, now: float) -> None:
+        """Mark the counters at ``now``; marks older than the window go, but the newest of
+        them, which is where the window begins."""
+        marks = self._marks
+        if now - marks[-1][0] >= 0.5:
+            marks.append((now, self.calls, self.retries))
+        start = now - self.window
+        while len(marks) > 1 and marks[1][0] <= start:
+            marks.popleft()
 
     def available(self, now: float) -> float:
         """Retries the budget allows at ``now``."""
-        second = int(now)
-        if second != self._second:
-            self._advance(second)
-        allowed = self.percent * self._calls_total + self.min_per_second * self.window
-        return allowed - self._spent_total
+        self.tick(now)
+        _, calls, retries = self._marks[0]
+        allowed = self.percent * (self.calls - calls) + self.min_per_second * self.window
+        return allowed - (self.retries - retries)
 
     def withdraw(self, now: float) -> bool:
         """Take one retry from the budget; False (counted in ``refused``) if it is spent."""
         if self.available(now) < 1:
             self.refused += 1
             return False
-        self._spent[int(now) % len(self._spent)] += 1
-        self._spent_total += 1
         self.retries += 1
         return True
-
-    def _advance(self, second: int) -> None:
-        """Empty the buckets of the seconds that left the window since the last one."""
-        slots = len(self._calls)
-        # a clock that went back starts the window again
-        gap = slots if second < self._second else min(second - self._second, slots)
-        for offset in range(1, gap + 1):
-            index = (self._second + offset) % slots if gap < slots else offset - 1
-            self._calls_total -= self._calls[index]
-            self._spent_total -= self._spent[index]
-            self._calls[index] = self._spent[index] = 0
-        self._second = second
 
     def describe(self) -> str:
         """The budget's shape, for errors and events."""

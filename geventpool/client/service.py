@@ -138,6 +138,7 @@ class ServiceClient:
         self._balancer_name = balancer
         self._call_timeout = float(call_timeout)
         self._retry = retry
+        self._attempt_timeout = retry.attempt_timeout
         self._budget = retry_budget or RetryBudget(clock=clock)
         self._budget_event = float("-inf")
         self._retried = 0  # every retry, budgeted or not
@@ -204,7 +205,7 @@ class ServiceClient:
         self._starting = starting = AsyncResult()
         try:
             self._pools.apply(self._source.start(self._pools.on_change, timeout), ())
-            self._pools.start_reaper()
+            self._pools.start_reaper(self._budget.tick)
         except Exception as error:
             self._starting = None
             starting.set_exception(error)
@@ -269,8 +270,8 @@ class ServiceClient:
             self._ensure_started()
         now = self._clock()
         deadline = now + (self._call_timeout if timeout is None else timeout)
-        self._budget.deposit(now)
-        attempt_timeout = self._retry.attempt_timeout
+        self._budget.calls += 1
+        attempt_timeout = self._attempt_timeout
         ends = deadline if attempt_timeout is None else min(deadline, now + attempt_timeout)
         pool, connection = self._checkout(deadline, method)
         try:
