@@ -18,10 +18,11 @@ from geventpool import events
 from geventpool.client.pool import PoolSettings
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
-from geventpool.errors import CallTimeoutError
+from geventpool.errors import CallTimeoutError, TransportError
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
+from geventpool.testing.zookeeper import free_port
 from helpers import events_named
 
 
@@ -151,5 +152,101 @@ def test_concurrent_first_calls_start_the_client_once(
         gevent.joinall(callers, timeout=10, raise_error=True)
         assert {caller.value for caller in callers} == {server.address}
         assert len(events_named(captured, events.CLIENT_STARTED)) == 1
+    finally:
+        client.stop()
+
+
+@pytest.fixture
+def hostile() -> Iterator[ServerProcess]:
+    """A hostile echo server: ``echo("close")`` closes the connection, ``ok:X`` answers X."""
+    server = ServerProcess([], module="geventpool.testing.hostile_server").start()
+    yield server
+    server.kill()
+
+
+def test_an_instance_failing_a_third_of_its_calls_never_three_in_a_row_is_ejected(
+    hostile: ServerProcess, captured: list[MutableMapping[str, Any]]
+) -> None:
+    """Consecutive failures never reach eject_after, but the success rate over the window
+    falls under min_success_rate (Finagle's failure accrual)."""
+    assert hostile.port is not None
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[Instance(host="127.0.0.1", port=hostile.port)],
+        pool=PoolSettings(eject_after=3, success_min_calls=20, max_inflight=1),
+    )
+    try:
+        client.start()
+        for index in range(60):
+            if client.status().instances[0].ejected:
+                break
+            message = "close" if index % 3 == 0 else f"ok:{index}"
+            with contextlib.suppress(TransportError):
+                client.echo(message)
+        [status] = client.status().instances
+        assert status.ejected and status.ejections == 1, status
+        assert 20 <= index < 40, index  # ejected once the window had its 20 calls
+    finally:
+        client.stop()
+
+
+def test_at_most_the_configured_share_of_a_service_is_ejected_at_once(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    """Three of four instances refuse connections: only two (half) are ejected, and
+    calls still succeed on the live one through connect failover."""
+    live = serve()
+    dead = [Instance(host="127.0.0.1", port=free_port()) for _ in range(3)]
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[*dead, Instance(host="127.0.0.1", port=live.port)],
+        pool=PoolSettings(eject_after=1, eject_backoff=30.0, max_ejected_share=0.5),
+        balancer="round_robin",
+        retries=3,
+    )
+    try:
+        assert all(client.echo(f"call {n}") == f"call {n}" for n in range(20))
+        statuses = client.status().instances
+        assert sum(s.ejected for s in statuses) == 2, statuses
+        assert sum(pool.ejections_capped for pool in client._pools.values()) >= 1
+    finally:
+        client.stop()
+
+
+@pytest.mark.parametrize("panic_threshold", [0.5, 0.0])
+def test_when_most_of_a_service_is_ejected_it_panics_and_routes_to_the_ejected_too(
+    serve: Callable[..., ThriftServer], panic_threshold: float
+) -> None:
+    """Two of three healthy instances were ejected (by a burst of timeouts, say): fewer than
+    half are in rotation, so the ejected ones are chosen again (and, answering, restored)
+    instead of one instance taking every call; with panic_threshold 0 it never panics."""
+    servers = [serve() for _ in range(3)]
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[Instance(host="127.0.0.1", port=s.port) for s in servers],
+        pool=PoolSettings(
+            eject_after=1,
+            eject_backoff=30.0,
+            max_ejected_share=1.0,
+            panic_threshold=panic_threshold,
+        ),
+        balancer="round_robin",
+    )
+    try:
+        client.start()
+        pools = list(client._pools.values())
+        for pool in pools[:2]:
+            pool.record_failure(TransportError(pool.name, "timed out (by the test)"))
+        assert [s.ejected for s in client.status().instances] == [True, True, False]
+        answers = {client.whoami() for _ in range(12)}
+        ejected = {pools[0].name, pools[1].name}
+        if panic_threshold:
+            assert answers & ejected, answers
+            assert sum(s.ejected for s in client.status().instances) <= 1
+        else:
+            assert answers == {pools[2].name}
     finally:
         client.stop()

@@ -78,6 +78,35 @@ class _Waiter:
         self.result = AsyncResult()
 
 
+class EjectionGuard:
+    """How much of one service may be ejected at once, and when ejection is ignored.
+
+    At most ``max_ejected_share`` of the instances (at least one) are ejected at a time
+    (Envoy's ``max_ejection_percent``); once fewer than ``panic_threshold`` of them are in
+    rotation the service panics (Envoy's panic threshold): every instance is chosen as if
+    none were ejected, because a wrong ejection of most of a fleet would overload the rest.
+    """
+
+    __slots__ = ("ejected", "max_share", "panic_below", "pools")
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.max_share = settings.max_ejected_share
+        self.panic_below = settings.panic_threshold
+        self.ejected = 0  # pools ejected now (or on probation)
+        self.pools: list[InstancePool] = []  # the service's pools (ServicePools keeps it)
+
+    def may_eject(self) -> bool:
+        """Whether one more instance may be ejected."""
+        total = max(len(self.pools), 1)
+        return self.ejected < max(1, int(total * self.max_share))
+
+    @property
+    def panicking(self) -> bool:
+        """Whether too few instances are in rotation: then ejection is ignored."""
+        total = len(self.pools)
+        return total > 0 and total - self.ejected < total * self.panic_below
+
+
 class WaitingRoom:
     """The callers waiting for a connection in any pool of one service, oldest first: any
     pool with room serves the oldest of them (see the module)."""
@@ -124,7 +153,12 @@ class PoolSettings:
     retired, shortened by up to ``lifetime_jitter`` (a fraction) so they do not all expire at
     once; ``pre_ping`` the name of a no-argument method called on an idle connection before
     it is handed out (None: only the free socket check); ``eject_after``,
-    ``eject_backoff`` and ``max_eject_backoff`` govern local ejection; ``reap_interval`` is
+    ``eject_backoff`` and ``max_eject_backoff`` govern local ejection, which also comes when
+    fewer than ``min_success_rate`` of the calls of a ``success_window`` succeeded (once
+    ``success_min_calls`` were made; None: never); at most ``max_ejected_share`` of a
+    service's instances (at least one) are ejected at once, and once fewer than
+    ``panic_threshold`` of them are in rotation ejection is ignored (see
+    :class:`EjectionGuard`); ``reap_interval`` is
     the reaper's period; ``limits`` bound every reply (see
     :class:`~geventpool.wire.limits.WireLimits`).
     """
@@ -143,6 +177,11 @@ class PoolSettings:
     eject_after: int = 3
     eject_backoff: float = 1.0
     max_eject_backoff: float = 30.0
+    min_success_rate: float | None = 0.8
+    success_min_calls: int = 20
+    success_window: float = 30.0
+    max_ejected_share: float = 0.5
+    panic_threshold: float = 0.5
     reap_interval: float = 1.0
     limits: WireLimits = DEFAULT_LIMITS
 
@@ -170,6 +209,16 @@ class PoolSettings:
             )
         if not isinstance(self.eject_after, int) or self.eject_after < 1:
             raise ConfigurationError(f"eject_after must be >= 1, not {self.eject_after!r}")
+        if not isinstance(self.success_min_calls, int) or self.success_min_calls < 1:
+            raise ConfigurationError(
+                f"success_min_calls must be >= 1, not {self.success_min_calls!r}"
+            )
+        for name in ("min_success_rate", "max_ejected_share", "panic_threshold"):
+            value = getattr(self, name)
+            if value is None and name == "min_success_rate":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ConfigurationError(f"{name} must be a fraction from 0 to 1, not {value!r}")
         for name in (
             "pool_timeout",
             "connect_timeout",
@@ -177,6 +226,7 @@ class PoolSettings:
             "max_eject_backoff",
             "reap_interval",
             "stuck_after",
+            "success_window",
         ):
             check_seconds(name, getattr(self, name))
         check_seconds("min_time_left", self.min_time_left, zero=True)
@@ -227,6 +277,7 @@ class InstancePool:
         clock: Callable[[], float] = time.monotonic,
         connect: Connector = open_connection,
         room: WaitingRoom | None = None,
+        guard: EjectionGuard | None = None,
     ) -> None:
         self.instance = instance
         self.name = str(instance)
@@ -248,6 +299,10 @@ class InstancePool:
         self.state = ACTIVE
         self.failures = 0
         self._timeouts = 0  # of the failures in a row, how many were timeouts in a row
+        self._window_start = clock()  # the success-rate window: its start, its outcomes
+        self._window_ok = self._window_failed = 0
+        self._guard = guard if guard is not None else EjectionGuard(settings)
+        self.ejections_capped = 0  # ejections not made: too much of the service was out
         self._ejected_until: float | None = None
         self._ejections_in_row = 0
         self.opened = self.closed = self.reaped = self.checkouts = self.ejections = 0
@@ -356,6 +411,7 @@ class InstancePool:
             if ejections == self.ejections:  # a call begun before an ejection is not news
                 self.record_failure(error)
             raise
+        self._window_ok += 1
         if self.failures and ejections == self.ejections:
             self.record_success()  # (only a call begun after an ejection can end it)
         return result
@@ -635,9 +691,26 @@ class InstancePool:
         until a success restores it, so a still-dead instance meets no herd of callers."""
         if self.state is not ACTIVE:
             return False
-        if self._ejected_until is None:
-            return True
+        if self._ejected_until is None or self._guard.panicking:
+            return True  # (panic: too much of the service is ejected, so every instance is)
+        return self._on_probation(now)
+
+    def _on_probation(self, now: float) -> bool:
+        """Whether an ejected instance may take its one probing call now."""
+        assert self._ejected_until is not None
         return now >= self._ejected_until and self._held + self._checking + self._opening == 0
+
+    def _low_rate(self) -> bool:
+        """Whether the calls of the current window succeeded less often than
+        ``min_success_rate`` (counted once ``success_min_calls`` were made)."""
+        settings = self._settings
+        if settings.min_success_rate is None:
+            return False
+        total = self._window_ok + self._window_failed
+        return (
+            total >= settings.success_min_calls
+            and self._window_ok < settings.min_success_rate * total
+        )
 
     def record_success(self) -> None:
         """A call succeeded: the consecutive failures end, an ejection is over."""
@@ -645,6 +718,7 @@ class InstancePool:
         if self._ejections_in_row:
             self._ejections_in_row = 0
             self._ejected_until = None
+            self._guard.ejected -= 1
             events.emit(events.INSTANCE_RESTORED, service=self._service_name, instance=self.name)
 
     def record_failure(self, error: BaseException) -> None:
@@ -657,15 +731,28 @@ class InstancePool:
         self.last_error = repr(error)
         now = self._clock()
         settings = self._settings
-        probing = self._ejected_until is not None and now >= self._ejected_until
-        if not probing and (self.failures < settings.eject_after or self._ejected_until):
+        if now - self._window_start > settings.success_window:
+            self._window_start, self._window_ok, self._window_failed = now, 0, 0
+        self._window_failed += 1
+        ejected_until = self._ejected_until
+        probing = ejected_until is not None and now >= ejected_until
+        if ejected_until is not None and not probing:
+            return  # ejected already
+        if not probing and self.failures < settings.eject_after and not self._low_rate():
             return
+        guard = self._guard
+        if ejected_until is None:
+            if not guard.may_eject():
+                self.ejections_capped += 1  # too much of the service is out already
+                return
+            guard.ejected += 1
         backoff = min(
             settings.max_eject_backoff, settings.eject_backoff * 2**self._ejections_in_row
         )
         self._ejections_in_row += 1
         self._ejected_until = now + backoff
         self.ejections += 1
+        self._window_start, self._window_ok, self._window_failed = now, 0, 0
         for connection in self._idle:  # they are likely dead too
             self._discard(connection)
         self._idle.clear()
@@ -746,6 +833,10 @@ class InstancePool:
         if self.state is not ACTIVE:
             return
         self.state = state
+        if self._ejected_until is not None:  # it no longer counts as ejected
+            self._ejected_until = None
+            self._ejections_in_row = 0
+            self._guard.ejected -= 1
         for connection in self._idle:
             self._discard(connection)
         self._idle.clear()
@@ -775,7 +866,11 @@ class InstancePool:
 
     def status(self) -> InstanceStatus:
         """A snapshot of this pool; ``state`` is active, ejected, retired or closed."""
-        ejected = self.state is ACTIVE and not self.available(self._clock())
+        ejected = (
+            self.state is ACTIVE
+            and self._ejected_until is not None
+            and not self._on_probation(self._clock())
+        )
         return InstanceStatus(
             instance=self.name,
             state="ejected" if ejected else self.state,

@@ -24,6 +24,7 @@ import gevent
 from geventpool.client.pool import (
     CLOSED,
     RETIRED,
+    EjectionGuard,
     InstancePool,
     InstanceStatus,
     PoolSettings,
@@ -51,6 +52,7 @@ class ServicePools(Mapping[str, InstancePool]):
         self._by_id: dict[str, InstancePool] = {}
         self.active: list[InstancePool] = []  # what the balancer chooses from
         self._room = WaitingRoom()  # one queue for the service: the oldest waiter first
+        self._guard = EjectionGuard(settings)  # how much of the service may be ejected
         self.closed = False
         self._reaper: gevent.Greenlet | None = None
 
@@ -87,11 +89,12 @@ class ServicePools(Mapping[str, InstancePool]):
                 self._settings,
                 clock=self._clock,
                 room=self._room,
+                guard=self._guard,
             )
             self._by_id[instance.id or str(instance)] = pool
             fresh.append(pool)
         self.active = list(self._by_id.values())
-        self._room.pools = self.active
+        self._room.pools = self._guard.pools = self.active
         if self._settings.min_idle:
             for pool in fresh:
                 gevent.spawn(pool.fill)
