@@ -175,7 +175,8 @@ class ServiceConfig:
     root: str = DEFAULT_ROOT
     path: str | None = None
     pool: PoolSettings = field(default_factory=PoolSettings)
-    balancer: str = "least_in_use"
+    balancer: str = "peak_ewma"
+    zone: str | None = None
     call_timeout: float = 5.0
     retry: Retry = field(default_factory=Retry)
     retry_budget: Mapping[str, float] = field(default_factory=dict)  # RetryBudget's settings
@@ -194,6 +195,7 @@ class ServiceConfig:
             "path": self.path,
             "pool": self.pool,
             "balancer": self.balancer,
+            "zone": self.zone,
             "call_timeout": self.call_timeout,
             "retry": self.retry,
             "retry_budget": _budget(self.retry_budget),
@@ -280,7 +282,8 @@ def _service(name: str, table: _Table) -> ServiceConfig:
         root=table.get("root", str, DEFAULT_ROOT),
         path=table.get("path", str, None),
         pool=pool,
-        balancer=table.get("balancer", str, "least_in_use"),
+        balancer=table.get("balancer", str, "peak_ewma"),
+        zone=table.get("zone", str, None),
         call_timeout=table.get("call_timeout", float, 5.0),
         retry=retry,
         retry_budget=budget,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from geventpool.client.balancer import LeastInUse, RoundRobin, make_balancer
+from geventpool.client.latency import PeakEwma
 from geventpool.discovery.instance import Instance
 from geventpool.errors import ConfigurationError
 
@@ -24,13 +25,21 @@ class StubPool:
     up: bool = True
     room: bool = True
     weight: float = 1.0
+    zone: str | None = None
     instance: Instance = field(init=False)
+    latency: PeakEwma = field(init=False)
 
     def __post_init__(self) -> None:
-        self.instance = Instance(host="127.0.0.1", port=self.port, weight=self.weight)
+        self.instance = Instance(
+            host="127.0.0.1", port=self.port, weight=self.weight, zone=self.zone
+        )
+        self.latency = PeakEwma(0.0)
 
     def available(self, now: float) -> bool:
         return self.up
+
+    def weight_at(self, now: float) -> float:
+        return self.instance.weight
 
     def has_capacity(self) -> bool:
         return self.room
@@ -90,3 +99,52 @@ def test_least_in_use_skips_unavailable_and_tried_and_may_find_none() -> None:
 def test_unknown_balancer_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="round_robin"):
         make_balancer("fastest")
+
+
+def test_peak_ewma_prefers_the_instance_whose_calls_cost_less_now() -> None:
+    fast, slow = StubPool(1), StubPool(2)
+    fast.latency.observe(0.001, 0.0)
+    slow.latency.observe(0.010, 0.0)
+    balancer = make_balancer("peak_ewma")
+    counts = Counter(balancer.choose(pools(fast, slow), 0.0, []) for _ in range(2000))
+    assert counts[fast] > 1400, counts  # P2C: both drawn, the cheaper taken (3/4 of draws)
+    slow.in_use = 0
+    fast.in_use = 20  # 21 x 1 ms > 1 x 10 ms: the fast one is now the dearer
+    counts = Counter(balancer.choose(pools(fast, slow), 0.0, []) for _ in range(2000))
+    assert counts[slow] > 1400, counts
+
+
+def test_two_choices_draw_in_proportion_to_the_weights() -> None:
+    light, heavy = StubPool(1, weight=1.0), StubPool(2, weight=3.0)
+    balancer = LeastInUse(random.Random(3))
+    counts = Counter(balancer.choose(pools(light, heavy), 0.0, []) for _ in range(4000))
+    assert 0.15 < counts[light] / 4000 < 0.35, counts
+
+
+def test_consistent_hash_keeps_a_key_on_its_instance_and_moves_only_the_leavers_keys() -> None:
+    stubs = [StubPool(port) for port in (1, 2, 3, 4)]
+    balancer = make_balancer("consistent_hash")
+    keys = [f"user-{n}" for n in range(2000)]
+    before = {key: balancer.choose(stubs, 0.0, [], key) for key in keys}
+    assert before == {key: balancer.choose(stubs, 0.0, [], key) for key in keys}
+    shares = Counter(before.values())
+    assert all(350 < shares[stub] < 650 for stub in stubs), shares  # 160 points each
+    leaver = stubs[1]
+    after = {
+        key: balancer.choose([s for s in stubs if s is not leaver], 0.0, [], key) for key in keys
+    }
+    moved = {key for key in keys if after[key] is not before[key]}
+    assert moved == {key for key in keys if before[key] is leaver}
+    leaver.up = False  # unavailable (ejected): its keys go to the next along the ring
+    assert all(balancer.choose(stubs, 0.0, [], key) is after[key] for key in keys)
+
+
+def test_zone_preference_stays_in_zone_while_it_has_room_then_spills_over() -> None:
+    near = [StubPool(1, zone="a"), StubPool(2, zone="a")]
+    far = [StubPool(3, zone="b"), StubPool(4, zone="b")]
+    balancer = make_balancer("peak_ewma", zone="a")
+    everyone = pools(*near, *far)
+    assert {balancer.choose(everyone, 0.0, []) for _ in range(200)} <= set(near)
+    for stub in near:
+        stub.room = False
+    assert {balancer.choose(everyone, 0.0, []) for _ in range(200)} <= set(far)

@@ -26,7 +26,7 @@ def test_the_example_configuration_loads_with_every_channel() -> None:
     config = load_config(EXAMPLE, SECRETS)
     assert config.zookeeper is not None and config.zookeeper.hosts == "127.0.0.1:2181"
     calc = config.services["calc"]
-    assert (calc.pool.max_connections, calc.pool.min_idle, calc.balancer) == (10, 2, "least_in_use")
+    assert (calc.pool.max_connections, calc.pool.min_idle, calc.balancer) == (10, 2, "peak_ewma")
     assert (calc.pool.limits.max_frame_size, calc.pool.limits.max_depth) == (16_384_000, 64)
     assert config.alerts.rate_limit == 20
     kinds = [type(channel) for channel in config.channels]

@@ -258,3 +258,58 @@ def test_a_sigstopped_server_costs_no_idempotent_call_and_strands_no_waiter(
         assert not events_named(captured, events.POOL_EXHAUSTED)
     finally:
         client.stop()
+
+
+def test_the_first_read_of_the_registry_opens_each_instances_connections_once(
+    zk_hosts: str, serve: Callable[..., ThriftServer]
+) -> None:
+    """The membership's first read reaches the pools twice at start (its change, and the
+    instances start() returns): the second must not replace the pools (whose min_idle
+    connections would leak)."""
+    server = serve(registration=Registration(zookeeper=zk_hosts, service="echo"))
+    client = ServiceClient(
+        echo_thrift.Echo, "echo", zookeeper=zk_hosts, pool=PoolSettings(min_idle=2)
+    )
+    client.start()
+    try:
+        wait_until(lambda: server.stats.connections == 2, 5)
+        gevent.sleep(0.3)
+        assert server.stats.connections == 2
+        [status] = client.status().instances
+        assert (status.opened, status.idle) == (2, 2), status
+    finally:
+        client.stop()
+
+
+@pytest.mark.gevent_timeout(60)
+def test_a_sigkilled_server_costs_no_idempotent_call(
+    zk_hosts: str, servers: Callable[..., ServerProcess], load: Callable[[ServiceClient], Load]
+) -> None:
+    """The calls in flight on the killed server failed on the wire after they were sent;
+    idempotent, each is made again on another instance within its deadline."""
+    processes = [servers("--zookeeper", zk_hosts, "--session-timeout", "10") for _ in range(3)]
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        zookeeper=zk_hosts,
+        pool=PoolSettings(max_connections=5, eject_after=3, eject_backoff=30.0),
+        retry=Retry(idempotent={"slow_echo", "whoami"}),
+        call_timeout=5.0,
+    )
+    client.start()
+    try:
+        assert client._membership is not None
+        assert client._membership.wait_for(lambda view: len(view) == 3, 5)
+        running = load(client)
+        running.start(30)
+        gevent.sleep(1.0)
+        processes[0].kill()
+        wait_until(lambda: any(s.ejected for s in client.status().instances), 5)
+        gevent.sleep(1.0)
+        running.stop()
+        assert [error for _, error in running.failures] == []
+        retried = client.status().retries
+        print(f"{sum(running.served.values())} calls served, {retried} retried, none failed")
+        assert retried > 0  # the calls in flight on the killed server were made again
+    finally:
+        client.stop()

@@ -23,7 +23,7 @@ sending, routing around slow instances) grow here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from geventpool.client.balancer import Balancer
 from geventpool.client.connection import PooledConnection
@@ -70,6 +70,7 @@ class Checkout:
         deadline: float,
         method: str = "connection",
         avoid: tuple[InstancePool, ...] = (),
+        key: Hashable = None,
     ) -> tuple[InstancePool, PooledConnection]:
         """A pool and a connection from it for a call of ``method``, by ``deadline`` (clock
         seconds) at the latest, from another pool than those in ``avoid`` while one is left
@@ -80,10 +81,11 @@ class Checkout:
         pools = self._pools
         while True:
             now = self._clock()
-            pool = self._balancer.choose(pools.active, now, tried) or self._any_pool(tried)
+            balancer = self._balancer
+            pool = balancer.choose(pools.active, now, tried, key) or self._any_pool(tried)
             if pool is None and avoid and tried == avoid:
                 tried = ()  # every instance was tried before: any of them again
-                pool = self._balancer.choose(pools.active, now, ()) or self._any_pool(())
+                pool = balancer.choose(pools.active, now, (), key) or self._any_pool(())
             if pool is None:
                 if attempts:
                     raise RetriesExhaustedError(self._service_name, list(attempts))

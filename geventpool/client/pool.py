@@ -46,6 +46,7 @@ from gevent.event import AsyncResult
 
 from geventpool import events
 from geventpool.client.connection import PooledConnection, open_connection
+from geventpool.client.latency import PeakEwma
 from geventpool.discovery.instance import OUT_OF_ORDER, PIPELINING, Instance
 from geventpool.errors import (
     CallTimeoutError,
@@ -84,21 +85,31 @@ class EjectionGuard:
     At most ``max_ejected_share`` of the instances (at least one) are ejected at a time
     (Envoy's ``max_ejection_percent``); once fewer than ``panic_threshold`` of them are in
     rotation the service panics (Envoy's panic threshold): every instance is chosen as if
-    none were ejected, because a wrong ejection of most of a fleet would overload the rest.
+    none were ejected, because a wrong ejection of most of a fleet would overload the rest;
+    except an instance whose last failure was a failed connect (it is down, not wrongly
+    ejected).
     """
 
-    __slots__ = ("ejected", "max_share", "panic_below", "pools")
+    __slots__ = ("ejected", "max_share", "panic_below", "pools", "suspected")
 
     def __init__(self, settings: PoolSettings) -> None:
         self.max_share = settings.max_ejected_share
         self.panic_below = settings.panic_threshold
         self.ejected = 0  # pools ejected now (or on probation)
+        self.suspected = 0  # of them, those not ejected for refusing connections
         self.pools: list[InstancePool] = []  # the service's pools (ServicePools keeps it)
 
     def may_eject(self) -> bool:
-        """Whether one more instance may be ejected."""
+        """Whether one more instance may be ejected for failed calls (one that refuses
+        connections always may: it is down for certain, and not counted here)."""
         total = max(len(self.pools), 1)
-        return self.ejected < max(1, int(total * self.max_share))
+        return self.suspected < max(1, int(total * self.max_share))
+
+    def count(self, pool_refused: bool, change: int) -> None:
+        """An instance was ejected (``change`` 1) or is no longer (-1)."""
+        self.ejected += change
+        if not pool_refused:
+            self.suspected += change
 
     @property
     def panicking(self) -> bool:
@@ -158,7 +169,9 @@ class PoolSettings:
     ``success_min_calls`` were made; None: never); at most ``max_ejected_share`` of a
     service's instances (at least one) are ejected at once, and once fewer than
     ``panic_threshold`` of them are in rotation ejection is ignored (see
-    :class:`EjectionGuard`); ``reap_interval`` is
+    :class:`EjectionGuard`); ``slow_start`` the seconds over which an instance that joins
+    while the client runs ramps from a tenth of its weight to all of it (0: at once);
+    ``reap_interval`` is
     the reaper's period; ``limits`` bound every reply (see
     :class:`~geventpool.wire.limits.WireLimits`).
     """
@@ -182,6 +195,7 @@ class PoolSettings:
     success_window: float = 30.0
     max_ejected_share: float = 0.5
     panic_threshold: float = 0.5
+    slow_start: float = 10.0
     reap_interval: float = 1.0
     limits: WireLimits = DEFAULT_LIMITS
 
@@ -230,6 +244,7 @@ class PoolSettings:
         ):
             check_seconds(name, getattr(self, name))
         check_seconds("min_time_left", self.min_time_left, zero=True)
+        check_seconds("slow_start", self.slow_start, zero=True)
         for name in ("idle_timeout", "max_lifetime"):
             check_seconds(name, getattr(self, name), optional=True)
         if not 0 <= self.lifetime_jitter < 1:
@@ -278,8 +293,13 @@ class InstancePool:
         connect: Connector = open_connection,
         room: WaitingRoom | None = None,
         guard: EjectionGuard | None = None,
+        warming: bool = False,
     ) -> None:
         self.instance = instance
+        now = clock()
+        self.latency = PeakEwma(now)  # what its calls cost now (the peak_ewma balancer)
+        # joined while the client ran: its weight ramps up over slow_start seconds
+        self._warm_until = now + settings.slow_start if warming else float("-inf")
         self.name = str(instance)
         self._service_name = service_name
         self._service = service
@@ -299,6 +319,8 @@ class InstancePool:
         self.state = ACTIVE
         self.failures = 0
         self._timeouts = 0  # of the failures in a row, how many were timeouts in a row
+        self._refused = False  # the last failure was a connect that failed
+        self._ejected_refused = False  # ejected for refusing connections (EjectionGuard)
         self._window_start = clock()  # the success-rate window: its start, its outcomes
         self._window_ok = self._window_failed = 0
         self._guard = guard if guard is not None else EjectionGuard(settings)
@@ -314,6 +336,15 @@ class InstancePool:
     def in_use(self) -> int:
         """Calls holding a connection now (connections checked out, with ``max_inflight`` 1)."""
         return self._in_use
+
+    def weight_at(self, now: float) -> float:
+        """The instance's registry weight, ramped up from a tenth over ``slow_start`` seconds
+        after it joined while the client ran (so a cold instance meets no herd)."""
+        weight = self.instance.weight
+        left = self._warm_until - now
+        if left <= 0:
+            return weight
+        return weight * max(0.1, 1.0 - left / self._settings.slow_start)
 
     @property
     def max_inflight(self) -> int:
@@ -399,18 +430,28 @@ class InstancePool:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         deadline: float,
+        *,
+        started: float | None = None,
     ) -> Any:
         """Call on ``connection`` (checked out from this pool) and count how the instance did:
         a failure on the wire towards ejection, a success as the end of a failure streak. A
         call that began before the instance was last ejected counts neither way: its success
-        cannot undo the ejection (only a probe can), its failure says nothing new."""
+        cannot undo the ejection (only a probe can), its failure says nothing new. Its latency
+        (from ``started``, default now: the caller's wait for the connection counts) feeds
+        :attr:`latency`."""
         ejections = self.ejections
+        if started is None:
+            started = self._clock()
         try:
             result = connection.call(method, args, kwargs, deadline)
         except TransportError as error:
+            ended = self._clock()
+            self.latency.observe(ended - started, ended)
             if ejections == self.ejections:  # a call begun before an ejection is not news
                 self.record_failure(error)
             raise
+        ended = connection.last_used  # stamped by the connection as the call ended
+        self.latency.observe(ended - started, ended)
         self._window_ok += 1
         if self.failures and ejections == self.ejections:
             self.record_success()  # (only a call begun after an ejection can end it)
@@ -691,8 +732,11 @@ class InstancePool:
         until a success restores it, so a still-dead instance meets no herd of callers."""
         if self.state is not ACTIVE:
             return False
-        if self._ejected_until is None or self._guard.panicking:
-            return True  # (panic: too much of the service is ejected, so every instance is)
+        if self._ejected_until is None:
+            return True
+        if self._guard.panicking and not self._refused:
+            return True  # panic: too much of the service is ejected, so none is (but one
+            # that refused connections is down for certain, not wrongly ejected)
         return self._on_probation(now)
 
     def _on_probation(self, now: float) -> bool:
@@ -718,7 +762,7 @@ class InstancePool:
         if self._ejections_in_row:
             self._ejections_in_row = 0
             self._ejected_until = None
-            self._guard.ejected -= 1
+            self._guard.count(self._ejected_refused, -1)
             events.emit(events.INSTANCE_RESTORED, service=self._service_name, instance=self.name)
 
     def record_failure(self, error: BaseException) -> None:
@@ -728,6 +772,7 @@ class InstancePool:
             return
         self.failures += 1
         self._timeouts = self._timeouts + 1 if isinstance(error, CallTimeoutError) else 0
+        self._refused = isinstance(error, ConnectError)
         self.last_error = repr(error)
         now = self._clock()
         settings = self._settings
@@ -742,10 +787,11 @@ class InstancePool:
             return
         guard = self._guard
         if ejected_until is None:
-            if not guard.may_eject():
+            if not self._refused and not guard.may_eject():
                 self.ejections_capped += 1  # too much of the service is out already
                 return
-            guard.ejected += 1
+            self._ejected_refused = self._refused
+            guard.count(self._refused, 1)
         backoff = min(
             settings.max_eject_backoff, settings.eject_backoff * 2**self._ejections_in_row
         )
@@ -836,7 +882,7 @@ class InstancePool:
         if self._ejected_until is not None:  # it no longer counts as ejected
             self._ejected_until = None
             self._ejections_in_row = 0
-            self._guard.ejected -= 1
+            self._guard.count(self._ejected_refused, -1)
         for connection in self._idle:
             self._discard(connection)
         self._idle.clear()

@@ -53,6 +53,7 @@ class ServicePools(Mapping[str, InstancePool]):
         self.active: list[InstancePool] = []  # what the balancer chooses from
         self._room = WaitingRoom()  # one queue for the service: the oldest waiter first
         self._guard = EjectionGuard(settings)  # how much of the service may be ejected
+        self._started = False  # the first instances (at start) do not ramp up
         self.closed = False
         self._reaper: gevent.Greenlet | None = None
 
@@ -82,6 +83,11 @@ class ServicePools(Mapping[str, InstancePool]):
                 pool.shut(RETIRED)
         fresh = []
         for instance in joined:
+            existing = self._by_id.get(instance.id or str(instance))
+            if existing is not None:
+                if existing.instance == instance:
+                    continue  # known already (the first read is applied twice at start)
+                existing.shut(RETIRED)
             pool = InstancePool(
                 self._service_name,
                 instance,
@@ -90,6 +96,7 @@ class ServicePools(Mapping[str, InstancePool]):
                 clock=self._clock,
                 room=self._room,
                 guard=self._guard,
+                warming=self._started,
             )
             self._by_id[instance.id or str(instance)] = pool
             fresh.append(pool)
@@ -103,7 +110,9 @@ class ServicePools(Mapping[str, InstancePool]):
 
     def start_reaper(self, tick: Callable[[float], None] | None = None) -> None:
         """Start the background upkeep (idempotent); ``tick(now)`` runs on every round too
-        (the client's retry budget marks its window with it)."""
+        (the client's retry budget marks its window with it). The client runs from now on:
+        an instance that joins later ramps up over ``slow_start``."""
+        self._started = True
         if self._reaper is None:
             self._reaper = gevent.spawn(self._reap_forever, tick)
 

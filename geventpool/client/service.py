@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,12 @@ from geventpool.errors import (
 from geventpool.validation import check_seconds
 
 
+def first_argument(method: str, args: tuple[Any, ...]) -> Hashable:
+    """The ``consistent_hash`` balancer's key by default: a call's first argument (Dubbo's);
+    None (any instance) for a call without arguments."""
+    return args[0] if args else None
+
+
 @dataclass(frozen=True)
 class ServiceStatus:
     """A snapshot of a client: totals over its instances, and each instance's numbers."""
@@ -90,9 +96,14 @@ class ServiceClient:
     ``name`` is the service's name in the registry (``<root>/<name>``), or give ``path``.
     Give ``zookeeper`` (a connect string, a :class:`ZooKeeperConfig`, or a started kazoo client
     the caller owns) or a fixed list of ``instances``. ``pool`` sets each instance's pool;
-    ``balancer`` is ``least_in_use`` (default) or ``round_robin``; ``call_timeout`` is the
-    default deadline of a call in seconds; ``retries`` how many other instances a call may try
-    when connecting fails; ``empty_protection`` is passed to the :class:`Membership`.
+    ``balancer`` is ``peak_ewma`` (default), ``least_in_use``, ``round_robin`` or
+    ``consistent_hash`` (see :mod:`geventpool.client.balancer`), with ``hash_key(method,
+    args)`` giving a call's key (default: its first argument); ``zone`` prefers the instances
+    of that zone while one of them has room; ``call_timeout`` is the default deadline of a
+    call in seconds; ``retry`` a :class:`~geventpool.client.retrying.Retry` (``retries`` is
+    its shorthand) and ``retry_budget`` a
+    :class:`~geventpool.client.retrying.RetryBudget`; ``empty_protection`` is passed to the
+    :class:`Membership`.
 
     IDL methods whose names clash with this class's own (``start``, ``stop``, ``call``,
     ``status``, ``connection``) are called with ``client.call("stop", ...)``.
@@ -108,7 +119,9 @@ class ServiceClient:
         root: str = DEFAULT_ROOT,
         path: str | None = None,
         pool: PoolSettings | None = None,
-        balancer: str = "least_in_use",
+        balancer: str = "peak_ewma",
+        zone: str | None = None,
+        hash_key: Callable[[str, tuple[Any, ...]], Hashable] | None = None,
         call_timeout: float = 5.0,
         retries: int | None = None,
         retry: Retry | None = None,
@@ -128,6 +141,10 @@ class ServiceClient:
         elif not isinstance(retry, Retry):
             raise ConfigurationError(f"retry must be a Retry, not {retry!r}")
         make_balancer(balancer)  # a bad name fails here, not at the first call
+        if hash_key is None and balancer == "consistent_hash":
+            hash_key = first_argument
+        self._zone = zone
+        self._hash_key = hash_key
         self._service = service
         self.name = name or (path.rsplit("/", 1)[-1] if path else service.__name__)
         self._zookeeper = zookeeper
@@ -167,7 +184,7 @@ class ServiceClient:
         self._checkout = Checkout(
             self.name,
             self._pools,
-            make_balancer(self._balancer_name),
+            make_balancer(self._balancer_name, self._zone),
             self._exhaustion,
             retries=self._retry.retries,
             budget=self._budget,
@@ -273,9 +290,10 @@ class ServiceClient:
         self._budget.calls += 1
         attempt_timeout = self._attempt_timeout
         ends = deadline if attempt_timeout is None else min(deadline, now + attempt_timeout)
-        pool, connection = self._checkout(deadline, method)
+        key = None if self._hash_key is None else self._hash_key(method, args)
+        pool, connection = self._checkout(deadline, method, (), key)
         try:
-            result = pool.call(connection, method, args, kwargs, ends)
+            result = pool.call(connection, method, args, kwargs, ends, started=now)
         except Exception as error:  # noqa: BLE001 - the policy decides what is retried
             pool.release(connection)
             return self._again(method, args, kwargs, deadline, pool=pool, error=error)
@@ -322,7 +340,8 @@ class ServiceClient:
             if retry.attempt_timeout is not None:
                 ends = min(deadline, now + retry.attempt_timeout)
             try:
-                pool, connection = self._checkout(deadline, method, tried)
+                key = None if self._hash_key is None else self._hash_key(method, args)
+                pool, connection = self._checkout(deadline, method, tried, key)
             except RetriesExhaustedError as exhausted:
                 raise RetriesExhaustedError(
                     self.name, [*attempts, *exhausted.attempts]

@@ -25,13 +25,17 @@ echo_thrift = load_echo()
 
 
 class EchoHandler:
-    """Implements ``Echo``; ``name`` is what :meth:`whoami` answers."""
+    """Implements ``Echo``; ``name`` is what :meth:`whoami` answers; ``latency`` seconds are
+    slept (cooperatively) by :meth:`echo` and :meth:`whoami`, to make a slow instance."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, latency: float = 0.0) -> None:
         self.name = name
+        self.latency = latency
         self.notified: collections.deque[str] = collections.deque(maxlen=1000)
 
     def echo(self, msg: str) -> str:
+        if self.latency:
+            gevent.sleep(self.latency)
         return msg
 
     def slow_echo(self, msg: str, seconds: float) -> str:
@@ -45,6 +49,8 @@ class EchoHandler:
         return a + b
 
     def whoami(self) -> str:
+        if self.latency:
+            gevent.sleep(self.latency)
         return self.name
 
     def refuse(self, reason: str) -> None:

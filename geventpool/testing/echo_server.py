@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", default="buffered")
     parser.add_argument("--protocol", default="binary")
     parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds echo() and whoami() take"
+    )
+    parser.add_argument(
         "--concurrency", type=int, default=32, help="calls of one connection at once (1: in order)"
     )
     args = parser.parse_args(argv)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             service=args.service,
             root=args.root,
         )
-    handler = EchoHandler("")
+    handler = EchoHandler("", latency=args.latency)
     server = ThriftServer(
         echo_thrift.Echo,
         handler,
