@@ -734,6 +734,8 @@ def markdown(results: dict[str, Any]) -> str:
         " (this page, `results.json` and the plots are written by it; `--quick` for a short run).",
         "Only ratios measured side by side in one run mean much on a shared 2-core machine: the",
         "clients run interleaved, round after round, against the same server process.",
+        "Failover figures (SIGKILL, SIGSTOP, a slow instance, a total outage) are in"
+        " [failover.md](failover.md) (`scripts/failover_figures.py`).",
         "",
         f"## Throughput and latency ({results['settings']['rounds']} rounds of"
         f" {results['settings']['callers']} callers x {results['settings']['calls_each']} calls)",

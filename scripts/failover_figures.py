@@ -6,8 +6,8 @@ and drives them through one ServiceClient with 100 greenlets making idempotent c
 
 * **SIGKILL** one of three under load: failed calls, retries, how fast it was ejected;
 * **SIGSTOP** one of three for 5 s: failed calls, ``PoolExhaustedError``, retries;
-* **one instance 10x slower** (20 ms against 2 ms, static instances): its share of the calls
-  and the p99 latency, ``peak_ewma`` against ``round_robin``;
+* **one instance 10x slower** (20 ms against 2 ms, static instances, 20 callers): its share
+  of the calls and the p99 latency, ``peak_ewma`` against ``round_robin``;
 * **total outage**: every instance SIGKILLed: retries sent per failed call (the budget
   bounds them).
 
@@ -23,6 +23,7 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -43,13 +44,15 @@ from geventpool.testing.processes import ServerProcess  # noqa: E402
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
 
 CALLERS = 100
+SLOW_CALLERS = 20
 
 
 class Load:
     """``CALLERS`` greenlets calling ``whoami`` until stopped; every outcome counted."""
 
-    def __init__(self, client: ServiceClient) -> None:
+    def __init__(self, client: ServiceClient, callers: int = CALLERS) -> None:
         self.client = client
+        self.callers = callers
         self.ok = 0
         self.failed: Counter[str] = Counter()
         self.took: list[float] = []
@@ -58,7 +61,7 @@ class Load:
 
     def start(self, seconds: float) -> None:
         end = time.monotonic() + seconds
-        self._greenlets = [gevent.spawn(self._loop, end) for _ in range(CALLERS)]
+        self._greenlets = [gevent.spawn(self._loop, end) for _ in range(self.callers)]
 
     def _loop(self, end: float) -> None:
         while time.monotonic() < end:
@@ -161,7 +164,7 @@ def slow_instance(folder: Path) -> list[dict[str, Any]]:
                 balancer=balancer,
             )
             client.start()
-            load = Load(client)
+            load = Load(client, SLOW_CALLERS)  # fewer than the connections: balancing decides
             load.start(4.0)
             load.join()
             client.stop()
@@ -242,7 +245,9 @@ def markdown(figures: dict[str, Any]) -> list[str]:
         )
     lines += [
         "",
-        "One instance 10x slower (20 ms against 2 ms), static instances:",
+        f"One instance 10x slower (20 ms against 2 ms), static instances, {SLOW_CALLERS}"
+        " callers (fewer than the connections, so that the balancer decides; with more, the"
+        " service-wide waiting queue hands each free connection to the oldest waiter):",
         "",
         "| balancer | slow instance's share | calls | p99 |",
         "|---|---|---|---|",
@@ -269,7 +274,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/failover.md"))
     args = parser.parse_args()
     figures = failover_figures()
-    args.out.write_text("# " + "\n".join(markdown(figures))[3:])
+    title, *rest = markdown(figures)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    measured = (
+        f"Measured {when} on {os.cpu_count()} cores."
+        " Reproduce: `.venv/bin/python scripts/failover_figures.py`."
+    )
+    args.out.write_text("\n".join([title.replace("## ", "# "), "", measured, *rest]))
     print(json.dumps(figures, indent=1))
     return 0
 
