@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from geventpool.client import balancer as balancer_module
 from geventpool.client.balancer import LeastInUse, RoundRobin, make_balancer
 from geventpool.client.latency import PeakEwma
 from geventpool.discovery.instance import Instance
@@ -148,3 +149,26 @@ def test_zone_preference_stays_in_zone_while_it_has_room_then_spills_over() -> N
     for stub in near:
         stub.room = False
     assert {balancer.choose(everyone, 0.0, []) for _ in range(200)} <= set(far)
+
+
+def test_a_zone_preference_over_consistent_hash_builds_each_ring_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preference alternates between the zone's pools and all of them as the zone's
+    room comes and goes: each list's ring is built once, not at every switch."""
+    points = []
+    real = balancer_module._point
+
+    def counting(text: str) -> int:
+        points.append(text)
+        return real(text)
+
+    monkeypatch.setattr(balancer_module, "_point", counting)
+    near = StubPool(1, zone="a")
+    everyone = [near, *(StubPool(port, zone="b") for port in range(2, 12))]
+    balancer = make_balancer("consistent_hash", zone="a")
+    for round_ in range(20):
+        near.room = round_ % 2 == 0
+        assert balancer.choose(everyone, 0.0, [], f"key {round_}") is not None
+    rings = 160 * (1 + len(everyone))  # the zone's ring and the whole ring
+    assert len(points) == rings + 20, len(points)  # and one point per key

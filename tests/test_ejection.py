@@ -15,12 +15,14 @@ import gevent
 import pytest
 
 from geventpool import events
-from geventpool.client.pool import PoolSettings
+from geventpool.client.pool import InstancePool, PoolSettings
+from geventpool.client.retrying import Retry
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
 from geventpool.errors import CallTimeoutError, TransportError
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
+from geventpool.testing.faults import TcpProxy
 from geventpool.testing.processes import ServerProcess
 from helpers import events_named
 
@@ -110,7 +112,7 @@ def test_a_call_begun_before_an_ejection_does_not_end_it(
     gevent.sleep(0.05)
     for _ in range(2):  # two timeouts in a row: ejected
         with pytest.raises(CallTimeoutError):
-            client.slow_echo("too slow", 1.0, timeout=0.05)
+            client.slow_echo("too slow", 1.0, timeout=0.1)
     [status] = client.status().instances
     assert status.ejected, status
     assert in_flight.get(timeout=5) == "begun before"
@@ -256,5 +258,124 @@ def test_when_most_of_a_service_is_ejected_it_panics_and_routes_to_the_ejected_t
             assert sum(s.ejected for s in client.status().instances) <= 1
         else:
             assert answers == {pools[2].name}
+    finally:
+        client.stop()
+
+
+@pytest.mark.gevent_timeout(30)
+def test_a_flapping_instance_is_ejected_for_longer_each_time_and_its_connects_stay_few(
+    serve: Callable[..., ThriftServer], captured: list[MutableMapping[str, Any]]
+) -> None:
+    """Its connections are cut every 100 ms: the connects it costs per second stay few (it is
+    ejected, and then probed one call at a time), and the idempotent calls lose nothing."""
+    flapping, steady = serve(), serve()
+    proxy = TcpProxy(("127.0.0.1", flapping.port))
+    proxy.start()
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[
+            Instance(host="127.0.0.1", port=proxy.port),
+            Instance(host="127.0.0.1", port=steady.port),
+        ],
+        pool=PoolSettings(max_connections=4, max_inflight=1, eject_after=2, eject_backoff=0.2),
+        retry=Retry(idempotent=True),
+        balancer="round_robin",  # probes it as soon as each back-off ends
+    )
+    failures: list[Exception] = []
+
+    def caller() -> None:
+        for _ in range(100_000):
+            try:
+                client.slow_echo("x", 0.005)
+            except Exception as error:  # noqa: BLE001 - every failure is a finding here
+                failures.append(error)
+                gevent.sleep(0.01)
+
+    def flap() -> None:
+        while True:
+            gevent.sleep(0.1)
+            proxy.drop()
+
+    try:
+        client.start()
+        flapper = gevent.spawn(flap)
+        callers = [gevent.spawn(caller) for _ in range(6)]  # fewer than the connections
+        gevent.sleep(4.0)
+        gevent.killall([*callers, flapper])
+        connects_per_second = proxy.accepted / 4.0
+        backoffs = [e["seconds"] for e in events_named(captured, events.INSTANCE_EJECTED)]
+        print(f"{connects_per_second:.1f} connects/s to the flapping instance; {backoffs=}")
+        assert failures == []
+        assert connects_per_second < 15, connects_per_second
+    finally:
+        client.stop()
+        proxy.stop()
+
+
+def test_the_back_off_doubles_for_an_instance_that_fails_again_soon_after_its_restore() -> None:
+    """A probe's success ends the ejection but not its count: only max_eject_backoff of
+    health does, so an instance that flaps is ejected for longer each time."""
+    now = 0.0
+    pool = InstancePool(
+        "svc",
+        Instance(host="127.0.0.1", port=1),
+        None,
+        PoolSettings(eject_after=1, eject_backoff=1.0, max_eject_backoff=8.0),
+        clock=lambda: now,
+    )
+    pool._guard.pools = [pool]
+    seconds = []
+    for _ in range(5):
+        pool.record_failure(TransportError(pool.name, "cut (by the test)"))
+        seconds.append(pool._ejected_until - now)  # type: ignore[operator]
+        now = pool._ejected_until  # type: ignore[assignment]
+        pool.record_success()  # the probe answers: restored
+        now += 0.5  # and fails again soon
+    assert seconds == [1.0, 2.0, 4.0, 8.0, 8.0]
+    now += 9.0  # healthy for longer than max_eject_backoff: the count starts again
+    pool.record_failure(TransportError(pool.name, "cut (by the test)"))
+    assert pool._ejected_until == now + 1.0
+
+
+def test_a_retired_pool_counts_no_ejection_for_the_calls_it_still_carries() -> None:
+    pools = [
+        InstancePool(
+            "svc",
+            Instance(host="127.0.0.1", port=port),
+            None,
+            PoolSettings(eject_after=1, max_ejected_share=0.5),
+        )
+        for port in (1, 2, 3)
+    ]
+    guard = pools[0]._guard
+    for pool in pools:
+        pool._guard = guard
+    guard.pools = pools
+    pools[0].shut()  # it left; its calls in flight then fail
+    pools[0].record_failure(TransportError(pools[0].name, "reset (by the test)"))
+    assert (guard.ejected, guard.suspected, pools[0].ejections) == (0, 0, 0)
+    assert guard.may_eject()  # the share is still there for a live instance
+
+
+def test_calls_that_time_out_on_their_callers_own_tiny_deadline_do_not_eject(
+    servers: Callable[..., ServerProcess],
+) -> None:
+    slowish = servers("--latency", "0.01")  # answers in 10 ms
+    assert slowish.port is not None
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[Instance(host="127.0.0.1", port=slowish.port)],
+        pool=PoolSettings(eject_after=3),
+    )
+    try:
+        assert client.echo("warm") == "warm"
+        for _ in range(6):
+            with pytest.raises(CallTimeoutError) as caught:
+                client.echo("x", timeout=0.005)
+            assert caught.value.sent
+        [status] = client.status().instances
+        assert (status.failures, status.ejections) == (0, 0), status
     finally:
         client.stop()

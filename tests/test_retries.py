@@ -27,6 +27,7 @@ from geventpool.errors import (
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
+from geventpool.testing.zookeeper import free_port
 from helpers import events_named
 
 
@@ -200,3 +201,25 @@ def test_the_retry_budget_is_a_sliding_window_of_calls_and_retries() -> None:
     budget.calls += 10
     assert budget.available(now) == 5
     assert RetryBudget(clock=lambda: 0.0).available(0.0) == 100  # 10/s over 10 s, no calls
+
+
+def test_a_sent_attempt_is_kept_when_the_retry_finds_no_instance_left(
+    hostile: ServerProcess, make_client: Callable[..., ServiceClient]
+) -> None:
+    assert hostile.port is not None
+    client = make_client([hostile.port], retry=Retry(idempotent=True, backoff=0.3))
+    client.start()
+    [instance] = [pool.instance for pool in client._pools.values()]
+    gevent.spawn_later(0.1, client._pools.apply, (), [instance])  # it leaves during the back-off
+    with pytest.raises(RetriesExhaustedError) as caught:
+        client.echo("close")
+    assert isinstance(caught.value.attempts[0], TransportError) and caught.value.sent
+
+
+def test_connects_retried_elsewhere_show_in_status_retries(
+    make_client: Callable[..., ServiceClient],
+) -> None:
+    client = make_client([free_port() for _ in range(3)], retry=Retry(retries=2))
+    with pytest.raises(RetriesExhaustedError):
+        client.echo("anyone?")
+    assert client.status().retries == 2

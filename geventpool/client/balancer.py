@@ -227,29 +227,28 @@ class ConsistentHash:
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._fallback = PeakEwma(rng)
-        self._pools: object = None
-        self._points: list[int] = []
-        self._owners: list[int] = []
+        # the rings of the last two pool lists (a zone preference alternates two lists)
+        self._rings: list[tuple[Sequence[Candidate], list[int], list[int]]] = []
 
-    def _ring(self, pools: Sequence[Candidate]) -> None:
-        if pools is self._pools:
-            return
+    def _ring(self, pools: Sequence[Candidate]) -> tuple[list[int], list[int]]:
+        for known, points, owners in self._rings:
+            if known is pools:
+                return points, owners
         ring = sorted(
             (_point(f"{pool.instance}#{node}"), index)
             for index, pool in enumerate(pools)
             for node in range(VIRTUAL_NODES)
         )
-        self._points = [point for point, _ in ring]
-        self._owners = [owner for _, owner in ring]
-        self._pools = pools
+        points, owners = [point for point, _ in ring], [owner for _, owner in ring]
+        self._rings = [*self._rings[-1:], (pools, points, owners)]
+        return points, owners
 
     def choose(
         self, pools: Sequence[P], now: float, tried: Collection[P], key: Hashable = None
     ) -> P | None:
         if key is None or not pools:
             return self._fallback.choose(pools, now, tried)
-        self._ring(pools)
-        points, owners = self._points, self._owners
+        points, owners = self._ring(pools)
         start = bisect.bisect_left(points, _point(repr(key)))
         seen: set[int] = set()
         for step in range(len(points)):

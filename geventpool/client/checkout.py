@@ -64,6 +64,7 @@ class Checkout:
         self._retries = retries
         self._budget = budget
         self._clock = clock
+        self.failovers = 0  # connects retried on another instance
 
     def acquire(
         self,
@@ -106,6 +107,7 @@ class Checkout:
                     raise RetryBudgetExhaustedError(
                         self._service_name, list(attempts), budget.describe()
                     ) from error
+                self.failovers += 1
             except PoolExhaustedError as error:
                 raise self._exhaustion.report(pools.active, error.timeout) from None
 

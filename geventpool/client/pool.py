@@ -157,8 +157,10 @@ class PoolSettings:
     stuck; ``min_time_left`` the least time before its deadline with which a request is
     still written (with less, the call fails at once with
     :class:`~geventpool.errors.CallTimeoutError`, ``sent`` False: the server would run a call
-    whose caller had given up); ``min_idle`` idle connections kept open (also the count
-    opened when an instance joins); ``pool_timeout`` the longest wait for a connection;
+    whose caller had given up); ``count_timeouts_after``: a call that timed out counts against
+    its instance only if it was given at least this long (a caller's own 5 ms deadline says
+    nothing of an instance that answers in 10); ``min_idle`` idle connections kept open (also
+    the count opened when an instance joins); ``pool_timeout`` the longest wait for a connection;
     ``connect_timeout`` for opening one; ``idle_timeout`` after which an idle connection above
     ``min_idle`` is closed (None: never); ``max_lifetime`` after which any connection is
     retired, shortened by up to ``lifetime_jitter`` (a fraction) so they do not all expire at
@@ -180,6 +182,7 @@ class PoolSettings:
     max_inflight: int | None = None
     stuck_after: float = 5.0
     min_time_left: float = 0.001
+    count_timeouts_after: float = 0.05
     min_idle: int = 0
     pool_timeout: float = 1.0
     connect_timeout: float = 1.0
@@ -245,6 +248,7 @@ class PoolSettings:
             check_seconds(name, getattr(self, name))
         check_seconds("min_time_left", self.min_time_left, zero=True)
         check_seconds("slow_start", self.slow_start, zero=True)
+        check_seconds("count_timeouts_after", self.count_timeouts_after, zero=True)
         for name in ("idle_timeout", "max_lifetime"):
             check_seconds(name, getattr(self, name), optional=True)
         if not 0 <= self.lifetime_jitter < 1:
@@ -326,6 +330,7 @@ class InstancePool:
         self._guard = guard if guard is not None else EjectionGuard(settings)
         self.ejections_capped = 0  # ejections not made: too much of the service was out
         self._ejected_until: float | None = None
+        self._restored_at = float("-inf")  # when the last ejection ended
         self._ejections_in_row = 0
         self.opened = self.closed = self.reaped = self.checkouts = self.ejections = 0
         self.last_error: str | None = None
@@ -757,19 +762,29 @@ class InstancePool:
         )
 
     def record_success(self) -> None:
-        """A call succeeded: the consecutive failures end, an ejection is over."""
-        self.failures = self._timeouts = 0
-        if self._ejections_in_row:
-            self._ejections_in_row = 0
+        """A call succeeded: the consecutive failures end, an ejection is over (its count
+        is kept until the instance stays healthy for ``max_eject_backoff``, so that an
+        instance that flaps is ejected for longer each time)."""
+        if self._ejected_until is not None:
+            if self._clock() < self._ejected_until and not self._guard.panicking:
+                return  # chosen before the ejection (it was connecting, say): not a probe
+            self.failures = self._timeouts = 0
             self._ejected_until = None
+            self._restored_at = self._clock()
             self._guard.count(self._ejected_refused, -1)
             events.emit(events.INSTANCE_RESTORED, service=self._service_name, instance=self.name)
+            return
+        self.failures = self._timeouts = 0
 
     def record_failure(self, error: BaseException) -> None:
         """A connect or call failed on the wire; eject after ``eject_after`` in a row. A
         deadline that ran out before anything was sent is not the instance's failure."""
-        if isinstance(error, CallTimeoutError) and not error.sent:
-            return
+        if self.state is not ACTIVE:
+            return  # retired or closed: it takes no more calls, and counts no ejection
+        if isinstance(error, CallTimeoutError) and (
+            not error.sent or error.timeout < self._settings.count_timeouts_after
+        ):
+            return  # the caller's deadline, not the instance: nothing sent, or little time
         self.failures += 1
         self._timeouts = self._timeouts + 1 if isinstance(error, CallTimeoutError) else 0
         self._refused = isinstance(error, ConnectError)
@@ -792,6 +807,8 @@ class InstancePool:
                 return
             self._ejected_refused = self._refused
             guard.count(self._refused, 1)
+        if now - self._restored_at > settings.max_eject_backoff:
+            self._ejections_in_row = 0  # healthy long enough since the last ejection ended
         backoff = min(
             settings.max_eject_backoff, settings.eject_backoff * 2**self._ejections_in_row
         )

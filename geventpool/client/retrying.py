@@ -18,7 +18,9 @@ attempt, and which exceptions declared in the IDL mean "not run, try elsewhere".
 
 :class:`RetryBudget` is Finagle's retry budget: over a sliding ``window`` a client may retry
 ``percent`` of its calls plus ``min_per_second`` retries a second, so an outage of every
-instance cannot multiply the load on them. Retries of calls that were never sent cost nothing.
+instance cannot multiply the load on them. Every retry that contacts an instance again draws
+on it: a call sent again, and a connect retried on another instance; a pipelined request
+that was never written, or a waiter sent elsewhere, costs nothing.
 """
 
 from __future__ import annotations

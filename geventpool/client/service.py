@@ -56,6 +56,7 @@ from geventpool.discovery.membership import Membership
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
 from geventpool.errors import (
     ConfigurationError,
+    GeventPoolError,
     PoolClosedError,
     PoolError,
     RetriesExhaustedError,
@@ -181,7 +182,7 @@ class ServiceClient:
             )
         self._pools = ServicePools(self.name, self._service, self._settings, clock=self._clock)
         self._exhaustion = ExhaustionReporter(self.name, clock=self._clock)
-        self._checkout = Checkout(
+        self._checkouts = Checkout(
             self.name,
             self._pools,
             make_balancer(self._balancer_name, self._zone),
@@ -189,7 +190,8 @@ class ServiceClient:
             retries=self._retry.retries,
             budget=self._budget,
             clock=self._clock,
-        ).acquire
+        )
+        self._checkout = self._checkouts.acquire
         self._min_time_left = self._settings.min_time_left
         self._started = False
         self._starting: AsyncResult | None = None  # set while one greenlet starts the client
@@ -346,7 +348,7 @@ class ServiceClient:
                 raise RetriesExhaustedError(
                     self.name, [*attempts, *exhausted.attempts]
                 ) from exhausted
-            except (TransportError, PoolError) as failure:
+            except GeventPoolError as failure:  # nowhere to go (no instance left, say)
                 attempts.append(failure)
                 raise RetriesExhaustedError(self.name, attempts) from failure
             try:
@@ -454,7 +456,7 @@ class ServiceClient:
             max_connections=sum(s.max_connections for s in instances),
             exhausted=self._exhaustion.count,
             instances=instances,
-            retries=self._retried,
+            retries=self._retried + self._checkouts.failovers,
             retries_refused=self._budget.refused,
             retry_budget=round(self._budget.available(self._clock()), 1),
         )

@@ -41,6 +41,7 @@ class TcpProxy:
         self._silent = False
         self._byte_pause = 0.0
         self._server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.accepted = 0  # connections accepted since start
 
     @property
     def port(self) -> int:
@@ -81,6 +82,7 @@ class TcpProxy:
 
     def _handle(self, downstream: socket.socket, _address: object) -> None:
         # gevent closes ``downstream`` when this returns: pump until either side ends.
+        self.accepted += 1
         try:
             upstream = socket.create_connection(self._target, timeout=5)
         except OSError:
