@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         WebhookChannel,
     )
     from geventpool.alerts.policy import AlertSettings
+    from geventpool.client.hedging import Hedge
     from geventpool.client.pool import InstanceStatus, PoolSettings
     from geventpool.client.retrying import Retry, RetryBudget
     from geventpool.client.service import ServiceClient, ServiceStatus
@@ -67,6 +68,7 @@ _LAZY = {
     "AlertSettings": "geventpool.alerts.policy",
     "InstanceStatus": "geventpool.client.pool",
     "PoolSettings": "geventpool.client.pool",
+    "Hedge": "geventpool.client.hedging",
     "Retry": "geventpool.client.retrying",
     "RetryBudget": "geventpool.client.retrying",
     "ServiceClient": "geventpool.client.service",
@@ -112,6 +114,7 @@ __all__ = [
     "ConnectionClosedError",
     "DiscoveryError",
     "GeventPoolError",
+    "Hedge",
     "Instance",
     "InstanceStatus",
     "InvalidArgumentsError",

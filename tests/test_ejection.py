@@ -371,10 +371,12 @@ def test_calls_that_time_out_on_their_callers_own_tiny_deadline_do_not_eject(
     )
     try:
         assert client.echo("warm") == "warm"
+        sent = []
         for _ in range(6):
             with pytest.raises(CallTimeoutError) as caught:
                 client.echo("x", timeout=0.005)
-            assert caught.value.sent
+            sent.append(caught.value.sent)
+        assert any(sent), sent  # (a loaded machine may spend a deadline before sending)
         [status] = client.status().instances
         assert (status.failures, status.ejections) == (0, 0), status
     finally:

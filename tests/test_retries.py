@@ -6,6 +6,7 @@ an idempotent call off a frozen instance within its deadline."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
@@ -13,6 +14,7 @@ import gevent
 import pytest
 
 from geventpool import events
+from geventpool.client.hedging import Hedge, Hedger
 from geventpool.client.pool import PoolSettings
 from geventpool.client.retrying import Retry, RetryBudget
 from geventpool.client.service import ServiceClient
@@ -223,3 +225,39 @@ def test_connects_retried_elsewhere_show_in_status_retries(
     with pytest.raises(RetriesExhaustedError):
         client.echo("anyone?")
     assert client.status().retries == 2
+
+
+@pytest.mark.parametrize("max_extra", [1.0, 0.25, 0.0])
+def test_a_slow_idempotent_call_is_hedged_on_another_instance_within_the_extra_load_cap(
+    servers: Callable[..., ServerProcess],
+    make_client: Callable[..., ServiceClient],
+    max_extra: float,
+) -> None:
+    """Half the calls go to an instance that takes 300 ms: hedged, each of them gets a
+    backup after the 40th percentile latency (a fast one's: at least 20 ms) on the other
+    instance, whose reply wins; the backups never pass max_extra of the calls (with 0, none
+    is sent and those calls take their 300 ms)."""
+    fast, slow = servers("--latency", "0.002"), servers("--latency", "0.3")
+    assert fast.port is not None and slow.port is not None
+    client = make_client(
+        [fast.port, slow.port],
+        retry=Retry(idempotent={"whoami"}),
+        hedge=Hedge(percentile=0.4, min_delay=0.02, max_extra=max_extra, samples=10),
+    )
+    for _ in range(12):  # the latency samples the hedge delay is taken from
+        client.whoami()
+    took = []
+    for _ in range(20):
+        began = time.monotonic()
+        client.whoami()
+        took.append(time.monotonic() - began)
+    hedged = client.status().hedged
+    print(f"max_extra {max_extra}: slowest {max(took) * 1000:.0f} ms, {hedged} backups")
+    assert hedged <= max_extra * 32, hedged  # 32 hedgeable calls in all
+    if max_extra == 1.0:
+        assert max(took) < 0.2 and hedged >= 10, (took, hedged)
+    elif max_extra:
+        assert hedged >= 1 and max(took) >= 0.3, (took, hedged)  # the cap held some back
+    else:
+        assert max(took) >= 0.3 and hedged == 0, (took, hedged)
+    assert Hedger(Hedge(max_extra=0.01)).allow() is False  # the cap: 1% of no calls is none

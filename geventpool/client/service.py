@@ -46,6 +46,7 @@ from geventpool.client import forking
 from geventpool.client.balancer import make_balancer
 from geventpool.client.checkout import Checkout
 from geventpool.client.exhaustion import ExhaustionReporter
+from geventpool.client.hedging import Hedge, Hedger
 from geventpool.client.pinned import PinnedConnection
 from geventpool.client.pool import InstancePool, InstanceStatus, PoolSettings
 from geventpool.client.pools import ServicePools
@@ -89,6 +90,8 @@ class ServiceStatus:
     retries: int = 0
     retries_refused: int = 0
     retry_budget: float = 0.0
+    #: Backup requests sent (with a Hedge).
+    hedged: int = 0
 
 
 class ServiceClient:
@@ -103,8 +106,9 @@ class ServiceClient:
     of that zone while one of them has room; ``call_timeout`` is the default deadline of a
     call in seconds; ``retry`` a :class:`~geventpool.client.retrying.Retry` (``retries`` is
     its shorthand) and ``retry_budget`` a
-    :class:`~geventpool.client.retrying.RetryBudget`; ``empty_protection`` is passed to the
-    :class:`Membership`.
+    :class:`~geventpool.client.retrying.RetryBudget`; ``hedge`` a
+    :class:`~geventpool.client.hedging.Hedge` (backup requests for slow idempotent calls,
+    off by default); ``empty_protection`` is passed to the :class:`Membership`.
 
     IDL methods whose names clash with this class's own (``start``, ``stop``, ``call``,
     ``status``, ``connection``) are called with ``client.call("stop", ...)``.
@@ -127,6 +131,7 @@ class ServiceClient:
         retries: int | None = None,
         retry: Retry | None = None,
         retry_budget: RetryBudget | None = None,
+        hedge: Hedge | None = None,
         empty_protection: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -160,6 +165,7 @@ class ServiceClient:
         self._budget = retry_budget or RetryBudget(clock=clock)
         self._budget_event = float("-inf")
         self._retried = 0  # every retry, budgeted or not
+        self._hedger = Hedger(hedge) if hedge is not None else None
         self._empty_protection = empty_protection
         self._clock = clock
         self._methods = frozenset(service.thrift_services)
@@ -283,17 +289,37 @@ class ServiceClient:
         failed call is made again as the client's :class:`Retry` allows (see
         :mod:`geventpool.client.retrying`), within the same deadline; a call attempted more
         than once that never succeeded raises
-        :class:`~geventpool.errors.RetriesExhaustedError` with every attempt's error.
+        :class:`~geventpool.errors.RetriesExhaustedError` with every attempt's error. With a
+        :class:`~geventpool.client.hedging.Hedge`, a slow idempotent call is sent once more
+        and the first reply wins (see :mod:`geventpool.client.hedging`).
         """
         if not self._started or self._forked:
             self._ensure_started()
+        if self._hedger is not None and self._retry.may_resend(method):
+            return self._hedged(method, args, kwargs, timeout)
+        return self._call(method, args, kwargs, timeout)
+
+    def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        *,
+        avoid: tuple[InstancePool, ...] = (),
+        chosen: list[InstancePool] | None = None,
+    ) -> Any:
+        """One call, retried as the policy allows (see :meth:`call`); elsewhere than ``avoid``
+        while another instance is left; the pool it goes to is appended to ``chosen``."""
         now = self._clock()
         deadline = now + (self._call_timeout if timeout is None else timeout)
         self._budget.calls += 1
         attempt_timeout = self._attempt_timeout
         ends = deadline if attempt_timeout is None else min(deadline, now + attempt_timeout)
         key = None if self._hash_key is None else self._hash_key(method, args)
-        pool, connection = self._checkout(deadline, method, (), key)
+        pool, connection = self._checkout(deadline, method, avoid, key)
+        if chosen is not None:
+            chosen.append(pool)
         try:
             result = pool.call(connection, method, args, kwargs, ends, started=now)
         except Exception as error:  # noqa: BLE001 - the policy decides what is retried
@@ -304,6 +330,48 @@ class ServiceClient:
             raise
         pool.release(connection)
         return result
+
+    def _hedged(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float | None
+    ) -> Any:
+        """The call, and a backup of it if it is slower than most (see the module
+        :mod:`geventpool.client.hedging`); the first success wins, the other is abandoned."""
+        hedger = self._hedger
+        assert hedger is not None
+        clock = self._clock
+        began = clock()
+        total = self._call_timeout if timeout is None else timeout
+        delay = hedger.delay()
+        chosen: list[InstancePool] = []
+        first = gevent.spawn(self._call, method, args, kwargs, total, chosen=chosen)
+        racing = [first]
+        try:
+            first.join(delay)
+            if not first.ready() and hedger.allow():
+                left = total - (clock() - began)
+                events.emit(
+                    events.CALL_HEDGED, "debug", service=self.name, method=method, after=delay
+                )
+                elsewhere = tuple(chosen)  # the instance the first went to, if it is known
+                racing.append(gevent.spawn(self._call, method, args, kwargs, left, avoid=elsewhere))
+            winner = self._first_success(racing)
+        finally:
+            for greenlet in racing:
+                if not greenlet.ready():
+                    greenlet.kill(block=False)  # the loser: its connection is given back
+        hedger.observe(clock() - began)
+        return winner.get()
+
+    @staticmethod
+    def _first_success(racing: list[gevent.Greenlet]) -> gevent.Greenlet:
+        """The first of ``racing`` to succeed, or the last to fail."""
+        pending = list(racing)
+        while True:
+            done = gevent.wait(pending, count=1)
+            for greenlet in done:
+                pending.remove(greenlet)
+                if greenlet.successful() or not pending:
+                    return greenlet
 
     def _again(
         self,
@@ -459,4 +527,5 @@ class ServiceClient:
             retries=self._retried + self._checkouts.failovers,
             retries_refused=self._budget.refused,
             retry_budget=round(self._budget.available(self._clock()), 1),
+            hedged=self._hedger.backups if self._hedger is not None else 0,
         )
