@@ -8,6 +8,8 @@ and drives them through one ServiceClient with 100 greenlets making idempotent c
 * **SIGSTOP** one of three for 5 s: failed calls, ``PoolExhaustedError``, retries;
 * **one instance 10x slower** (20 ms against 2 ms, static instances, 20 callers): its share
   of the calls and the p99 latency, ``peak_ewma`` against ``round_robin``;
+* **flapping**: one of two instances has its connections cut every 100 ms: failed calls and
+  connects per second to it;
 * **total outage**: every instance SIGKILLed: retries sent per failed call (the budget
   bounds them).
 
@@ -40,6 +42,7 @@ from geventpool.client.retrying import Retry  # noqa: E402
 from geventpool.client.service import ServiceClient  # noqa: E402
 from geventpool.discovery.instance import Instance  # noqa: E402
 from geventpool.testing.echo import echo_thrift  # noqa: E402
+from geventpool.testing.faults import TcpProxy  # noqa: E402
 from geventpool.testing.processes import ServerProcess  # noqa: E402
 from geventpool.testing.zookeeper import ZooKeeperServer  # noqa: E402
 
@@ -180,6 +183,50 @@ def slow_instance(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def flapping(folder: Path) -> dict[str, Any]:
+    """One of two instances has its connections cut every 100 ms for 6 s."""
+    with ExitStack() as stack:
+        servers = []
+        for _ in range(2):
+            process = ServerProcess(["--latency", "0.005"], log_path=folder / "flap.log")
+            stack.callback(process.kill)
+            servers.append(process.start())
+        proxy = TcpProxy(("127.0.0.1", servers[0].port or 0))
+        proxy.start()
+        stack.callback(proxy.stop)
+        client = ServiceClient(
+            echo_thrift.Echo,
+            "echo",
+            instances=[
+                Instance("127.0.0.1", proxy.port),
+                Instance("127.0.0.1", servers[1].port or 0),
+            ],
+            pool=PoolSettings(max_connections=50, eject_after=3),
+            retry=Retry(idempotent=True),
+        )
+        client.start()
+        stack.callback(client.stop)
+
+        def flap() -> None:
+            while True:
+                gevent.sleep(0.1)
+                proxy.drop()
+
+        flapper = gevent.spawn(flap)
+        stack.callback(flapper.kill)
+        load = Load(client)
+        load.start(6.0)
+        load.join()
+        status = client.status()
+        return {
+            "calls": load.ok + sum(load.failed.values()),
+            "failed": dict(load.failed),
+            "connects_per_second": round(proxy.accepted / 6.0, 1),
+            "ejections": next(s.ejections for s in status.instances if s.instance == proxy.address),
+            "retries": status.retries,
+        }
+
+
 def total_outage(hosts: str, folder: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         servers = fleet(stack, hosts, folder)
@@ -219,6 +266,7 @@ def failover_figures() -> dict[str, Any]:
                 "sigkill": under_fault(zookeeper.hosts, folder, "sigkill"),
                 "sigstop": under_fault(zookeeper.hosts, folder, "sigstop"),
                 "slow_instance": slow_instance(folder),
+                "flapping": flapping(folder),
                 "total_outage": total_outage(zookeeper.hosts, folder),
             }
         finally:
@@ -257,6 +305,14 @@ def markdown(figures: dict[str, Any]) -> list[str]:
             f"| `{row['balancer']}` | {row['slow_share']:.1%} | {row['calls']:,}"
             f" | {row['p99_ms']} ms |"
         )
+    flap = figures["flapping"]
+    lines += [
+        "",
+        "An instance whose connections are cut every 100 ms for 6 s (one of two, static):"
+        f" {flap['calls']:,} calls, {sum(flap['failed'].values())} failed, {flap['retries']}"
+        f" retried, {flap['connects_per_second']} connects/s to it, ejected"
+        f" {flap['ejections']} times.",
+    ]
     outage = figures["total_outage"]
     lines += [
         "",

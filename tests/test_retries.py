@@ -261,3 +261,19 @@ def test_a_slow_idempotent_call_is_hedged_on_another_instance_within_the_extra_l
     else:
         assert max(took) >= 0.3 and hedged == 0, (took, hedged)
     assert Hedger(Hedge(max_extra=0.01)).allow() is False  # the cap: 1% of no calls is none
+
+
+def test_an_attempt_timeout_runs_from_the_send_not_from_the_wait_for_a_connection(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
+) -> None:
+    server = serve()
+    client = make_client(
+        [server.port],
+        retry=Retry(attempt_timeout=0.3),
+        pool={"max_connections": 1, "max_inflight": 1, "pool_timeout": 2.0},
+    )
+    holder = gevent.spawn(client.slow_echo, "first", 0.25)
+    gevent.sleep(0.01)
+    # Waits about 0.24 s for the connection, then needs 0.2 s of its 0.3 s attempt.
+    assert client.slow_echo("second", 0.2) == "second"
+    assert holder.get(timeout=5) == "first"

@@ -60,8 +60,8 @@ class Retry:
     server did not run the call. ``backoff``: the delay before the first retry, doubled for
     each one after it up to ``max_backoff``, each drawn at random between zero and that
     (full jitter); 0 retries at once. ``attempt_timeout``: the longest one attempt may take
-    (None: the whole deadline), so that an idempotent call stuck on a frozen instance is
-    sent elsewhere while its deadline still has time.
+    once it has its connection (None: the whole deadline), so that an idempotent call stuck
+    on a frozen instance is sent elsewhere while its deadline still has time.
     """
 
     retries: int = 2

@@ -314,12 +314,14 @@ class ServiceClient:
         now = self._clock()
         deadline = now + (self._call_timeout if timeout is None else timeout)
         self._budget.calls += 1
-        attempt_timeout = self._attempt_timeout
-        ends = deadline if attempt_timeout is None else min(deadline, now + attempt_timeout)
         key = None if self._hash_key is None else self._hash_key(method, args)
         pool, connection = self._checkout(deadline, method, avoid, key)
         if chosen is not None:
             chosen.append(pool)
+        attempt_timeout = self._attempt_timeout  # from the send: a wait does not eat it
+        ends = (
+            deadline if attempt_timeout is None else min(deadline, self._clock() + attempt_timeout)
+        )
         try:
             result = pool.call(connection, method, args, kwargs, ends, started=now)
         except Exception as error:  # noqa: BLE001 - the policy decides what is retried
@@ -405,10 +407,6 @@ class ServiceClient:
             pause = retry.delay(len(attempts))
             if pause:
                 gevent.sleep(min(pause, max(0.0, deadline - clock())))
-            now = clock()
-            ends = deadline
-            if retry.attempt_timeout is not None:
-                ends = min(deadline, now + retry.attempt_timeout)
             try:
                 key = None if self._hash_key is None else self._hash_key(method, args)
                 pool, connection = self._checkout(deadline, method, tried, key)
@@ -419,6 +417,9 @@ class ServiceClient:
             except GeventPoolError as failure:  # nowhere to go (no instance left, say)
                 attempts.append(failure)
                 raise RetriesExhaustedError(self.name, attempts) from failure
+            ends = deadline
+            if retry.attempt_timeout is not None:
+                ends = min(deadline, clock() + retry.attempt_timeout)
             try:
                 result = pool.call(connection, method, args, kwargs, ends)
             except Exception as failure:  # noqa: BLE001 - the policy decides, as above
