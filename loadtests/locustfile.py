@@ -183,8 +183,8 @@ def judge_failover(environment: Environment) -> list[tuple[str, bool, str]]:
     return [
         ("a server was killed mid-run", len(killed) == 1, f"{killed}"),
         (
-            "fewer than 1% of calls failed",
-            ratio < 0.01,
+            "no call failed (idempotent: those in flight were made again elsewhere)",
+            total.num_failures == 0 and ratio == 0.0,
             f"{total.num_failures} of {total.num_requests}",
         ),
         (

@@ -53,6 +53,7 @@ class Scenario:
     server_session_timeout: float = 10.0
     env: dict[str, str] = field(default_factory=dict)
     pool: str = "max_connections = 10"
+    retry: str = ""  # the [services.echo.retry] table's lines
 
 
 SCENARIOS = (
@@ -68,7 +69,14 @@ SCENARIOS = (
         },
         pool="max_connections = 2\nmax_inflight = 4\npool_timeout = 0.1",  # 8 calls each
     ),
-    Scenario("failover", seconds=9, actions=((2.0, "kill"),), server_session_timeout=2.0),
+    # The users' calls are idempotent: those in flight on the killed server are made again.
+    Scenario(
+        "failover",
+        seconds=9,
+        actions=((2.0, "kill"),),
+        server_session_timeout=2.0,
+        retry="idempotent = true",
+    ),
     Scenario("scale_up", seconds=6, actions=((2.0, "add"),)),
     # ZooKeeper (a JVM) may take several seconds to start again on a loaded machine: leave the
     # client time to reconnect after it is back (its reconnect back-off is at most 2 s).
@@ -91,6 +99,11 @@ empty_protection = 0
 [services.echo.pool]
 {scenario.pool}
 eject_after = 3
+"""
+    if scenario.retry:
+        text += f"""
+[services.echo.retry]
+{scenario.retry}
 """
     if webhook and smtp_port:
         text += f"""
