@@ -5,17 +5,23 @@ instance's pool, makes the call and gives the connection back. :class:`ServiceCl
 
 * **A total deadline** per call (``timeout``, default ``call_timeout``) over choosing, waiting
   for a connection, connecting, sending and receiving.
-* **Safe failover.** A failure to connect (nothing was sent) is retried on another instance,
-  up to ``retries`` times within the deadline; every attempt is kept in
-  :class:`~geventpool.errors.RetriesExhaustedError`. A call that may have been sent is never
-  retried: :class:`~geventpool.errors.TransportError` or
-  :class:`~geventpool.errors.CallTimeoutError` reach the caller, and the connection is closed.
-* **Local ejection** of an instance after repeated failures, long before ZooKeeper's session
-  timeout removes it; if every instance is ejected, the least loaded is tried anyway.
+* **Safe failover.** A call that was not sent (a failed connect, a request never written) is
+  made on another instance; one that may have run is sent again only if its
+  :class:`~geventpool.client.retrying.Retry` says it is idempotent; always within the
+  deadline and the client's :class:`~geventpool.client.retrying.RetryBudget`, every attempt
+  kept in :class:`~geventpool.errors.RetriesExhaustedError`. Otherwise
+  :class:`~geventpool.errors.TransportError` or :class:`~geventpool.errors.CallTimeoutError`
+  reach the caller. An optional :class:`~geventpool.client.hedging.Hedge` sends a slow
+  idempotent call once more.
+* **No caller stranded**: callers that must wait queue once for the whole service and are
+  served by whichever instance has room first.
+* **Local ejection** of an instance after repeated failures or a low success rate, long before
+  ZooKeeper's session timeout removes it, never of more than ``max_ejected_share`` of the
+  service; below ``panic_threshold`` in rotation every instance takes calls again.
 * **Bounded exhaustion.** When every instance's pool is full and the wait runs out, the caller
   gets :class:`~geventpool.errors.PoolExhaustedError` with the service-wide numbers, and a
   ``pool_exhausted`` event (at most one a second, with the count suppressed) tells operators to
-  add instances.
+  add instances; an instance that stops answering gets its own ``instance_unresponsive``.
 * **Membership drives the pools**: a joining instance is usable at once (``min_idle``
   connections opened), a leaving one gets no new calls, its idle connections close at once and
   its busy ones at check-in.
