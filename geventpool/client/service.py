@@ -281,8 +281,13 @@ class ServiceClient:
         if method.startswith("_") or method not in self._methods:
             raise AttributeError(f"{self._service.__name__} has no method {method!r}")
 
+        hedged = self._hedger is not None and self._retry.may_resend(method)
+        call_once = self._call
+
         def remote(*args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-            return self.call(method, *args, timeout=timeout, **kwargs)
+            if hedged or not self._started or self._forked:
+                return self.call(method, *args, timeout=timeout, **kwargs)
+            return call_once(method, args, kwargs, timeout)  # as call() would: one frame less
 
         remote.__name__ = method
         self.__dict__[method] = remote  # found directly from now on
