@@ -77,17 +77,33 @@ def load() -> Iterator[Callable[[ServiceClient], Load]]:
 
 
 @pytest.fixture
-def client(zk_hosts: str) -> Iterator[ServiceClient]:
-    service_client = ServiceClient(
-        echo_thrift.Echo,
-        "echo",
-        zookeeper=zk_hosts,
-        pool=PoolSettings(max_connections=5, eject_after=3, eject_backoff=30.0),
-        call_timeout=5.0,
-    )
-    service_client.start()
-    yield service_client
-    service_client.stop()
+def registered_client(zk_hosts: str) -> Iterator[Callable[..., ServiceClient]]:
+    """``registered_client(instances=0, **options)``: a started client of the echo service
+    in ``zk_hosts`` (once it sees ``instances``), stopped after the test."""
+    made: list[ServiceClient] = []
+
+    def make(instances: int = 0, **options: Any) -> ServiceClient:
+        options = {
+            "pool": PoolSettings(max_connections=5, eject_after=3, eject_backoff=30.0),
+            "call_timeout": 5.0,
+            **options,
+        }
+        service_client = ServiceClient(echo_thrift.Echo, "echo", zookeeper=zk_hosts, **options)
+        made.append(service_client)
+        service_client.start()
+        if instances:
+            assert service_client._membership is not None
+            assert service_client._membership.wait_for(lambda view: len(view) == instances, 5)
+        return service_client
+
+    yield make
+    for service_client in made:
+        service_client.stop()
+
+
+@pytest.fixture
+def client(registered_client: Callable[..., ServiceClient]) -> ServiceClient:
+    return registered_client()
 
 
 @pytest.mark.gevent_timeout(60)
@@ -215,6 +231,7 @@ def test_a_server_restarted_on_its_port_with_another_transport_is_called_as_it_i
 def test_a_sigstopped_server_costs_no_idempotent_call_and_strands_no_waiter(
     zk_hosts: str,
     servers: Callable[..., ServerProcess],
+    registered_client: Callable[..., ServiceClient],
     load: Callable[[ServiceClient], Load],
     captured: list[MutableMapping[str, Any]],
 ) -> None:
@@ -223,93 +240,70 @@ def test_a_sigstopped_server_costs_no_idempotent_call_and_strands_no_waiter(
     so none waits out pool_timeout behind the frozen one; the calls stuck on it are cut by
     attempt_timeout and, idempotent, made again elsewhere."""
     processes = [servers("--zookeeper", zk_hosts) for _ in range(3)]
-    client = ServiceClient(
-        echo_thrift.Echo,
-        "echo",
-        zookeeper=zk_hosts,
+    client = registered_client(
+        3,
         pool=PoolSettings(max_connections=3, max_inflight=1, pool_timeout=0.5, eject_after=3),
         retry=Retry(idempotent=True, attempt_timeout=1.0),
-        call_timeout=5.0,
     )
-    client.start()
+    running = load(client)
+    running.start(30)
+    gevent.sleep(0.5)
+    frozen = processes[0]
+    frozen.signal(signal.SIGSTOP)
     try:
-        assert client._membership is not None
-        assert client._membership.wait_for(lambda view: len(view) == 3, 5)
-        running = load(client)
-        running.start(30)
-        gevent.sleep(0.5)
-        frozen = processes[0]
-        frozen.signal(signal.SIGSTOP)
-        try:
-            gevent.sleep(3.0)
-        finally:
-            frozen.signal(signal.SIGCONT)
-        gevent.sleep(0.5)
-        running.stop()
-        served = sum(running.served.values())
-        failures = [error for _, error in running.failures]
-        print(f"{served} calls served, {len(failures)} failed: {failures[:3]}")
-        assert failures == []
-        assert served > 200
-        ejected = events_named(captured, events.INSTANCE_EJECTED)
-        assert {e["instance"] for e in ejected} <= {frozen.address}
-        unresponsive = events_named(captured, events.INSTANCE_UNRESPONSIVE)
-        assert {e["instance"] for e in unresponsive} == {frozen.address}
-        assert not events_named(captured, events.POOL_EXHAUSTED)
+        gevent.sleep(3.0)
     finally:
-        client.stop()
+        frozen.signal(signal.SIGCONT)
+    gevent.sleep(0.5)
+    running.stop()
+    served = sum(running.served.values())
+    failures = [error for _, error in running.failures]
+    print(f"{served} calls served, {len(failures)} failed: {failures[:3]}")
+    assert failures == []
+    assert served > 200
+    ejected = events_named(captured, events.INSTANCE_EJECTED)
+    assert {e["instance"] for e in ejected} <= {frozen.address}
+    unresponsive = events_named(captured, events.INSTANCE_UNRESPONSIVE)
+    assert {e["instance"] for e in unresponsive} == {frozen.address}
+    assert not events_named(captured, events.POOL_EXHAUSTED)
 
 
 def test_the_first_read_of_the_registry_opens_each_instances_connections_once(
-    zk_hosts: str, serve: Callable[..., ThriftServer]
+    zk_hosts: str,
+    serve: Callable[..., ThriftServer],
+    registered_client: Callable[..., ServiceClient],
 ) -> None:
     """The membership's first read reaches the pools twice at start (its change, and the
     instances start() returns): the second must not replace the pools (whose min_idle
     connections would leak)."""
     server = serve(registration=Registration(zookeeper=zk_hosts, service="echo"))
-    client = ServiceClient(
-        echo_thrift.Echo, "echo", zookeeper=zk_hosts, pool=PoolSettings(min_idle=2)
-    )
-    client.start()
-    try:
-        wait_until(lambda: server.stats.connections == 2, 5)
-        gevent.sleep(0.3)
-        assert server.stats.connections == 2
-        [status] = client.status().instances
-        assert (status.opened, status.idle) == (2, 2), status
-    finally:
-        client.stop()
+    client = registered_client(pool=PoolSettings(min_idle=2))
+    wait_until(lambda: server.stats.connections == 2, 5)
+    gevent.sleep(0.3)
+    assert server.stats.connections == 2
+    [status] = client.status().instances
+    assert (status.opened, status.idle) == (2, 2), status
 
 
 @pytest.mark.gevent_timeout(60)
 def test_a_sigkilled_server_costs_no_idempotent_call(
-    zk_hosts: str, servers: Callable[..., ServerProcess], load: Callable[[ServiceClient], Load]
+    zk_hosts: str,
+    servers: Callable[..., ServerProcess],
+    registered_client: Callable[..., ServiceClient],
+    load: Callable[[ServiceClient], Load],
 ) -> None:
     """The calls in flight on the killed server failed on the wire after they were sent;
     idempotent, each is made again on another instance within its deadline."""
     processes = [servers("--zookeeper", zk_hosts, "--session-timeout", "10") for _ in range(3)]
-    client = ServiceClient(
-        echo_thrift.Echo,
-        "echo",
-        zookeeper=zk_hosts,
-        pool=PoolSettings(max_connections=5, eject_after=3, eject_backoff=30.0),
-        retry=Retry(idempotent={"slow_echo", "whoami"}),
-        call_timeout=5.0,
-    )
-    client.start()
-    try:
-        assert client._membership is not None
-        assert client._membership.wait_for(lambda view: len(view) == 3, 5)
-        running = load(client)
-        running.start(30)
-        gevent.sleep(1.0)
-        processes[0].kill()
-        wait_until(lambda: any(s.ejected for s in client.status().instances), 5)
-        gevent.sleep(1.0)
-        running.stop()
-        assert [error for _, error in running.failures] == []
-        retried = client.status().retries
-        print(f"{sum(running.served.values())} calls served, {retried} retried, none failed")
-        assert retried > 0  # the calls in flight on the killed server were made again
-    finally:
-        client.stop()
+    client = registered_client(3, retry=Retry(idempotent={"slow_echo", "whoami"}))
+    running = load(client)
+    running.start(30)
+    gevent.sleep(1.0)
+    processes[0].kill()
+    wait_until(lambda: any(s.ejected for s in client.status().instances), 5)
+    gevent.sleep(1.0)
+    running.stop()
+    assert [error for _, error in running.failures] == []
+    retried = client.status().retries
+    print(f"{sum(running.served.values())} calls served, {retried} retried, none failed")
+    assert retried > 0  # the calls in flight on the killed server were made again

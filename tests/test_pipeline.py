@@ -422,3 +422,19 @@ def test_a_call_running_past_the_servers_idle_timeout_keeps_its_connection_open(
     [status] = client.status().instances
     assert (status.opened, status.closed) == (1, 0), status
     wait_until(lambda: server.stats.connections == 0, 5)  # idle now: closed by the server
+
+
+def test_a_slot_freed_on_a_shared_connection_goes_to_a_waiter_at_once(
+    serve: Callable[..., ThriftServer], pipelined: Callable[..., ServiceClient]
+) -> None:
+    """Both slots of the only connection are held, by a short and a long call; the waiter
+    gets the short call's slot when it ends, not the connection when the long one does."""
+    server = serve()
+    client = pipelined(server.port, max_connections=1, max_inflight=2, pool_timeout=3.0)
+    short = gevent.spawn(client.slow_echo, "short", 0.2)
+    long = gevent.spawn(client.slow_echo, "long", 1.2)
+    gevent.sleep(0.05)
+    started = time.monotonic()
+    assert client.echo("waiter") == "waiter"
+    assert time.monotonic() - started < 0.8  # at the short call's end (0.15 s), not 1.15 s
+    gevent.joinall([short, long], timeout=5, raise_error=True)

@@ -176,7 +176,6 @@ def test_the_oldest_waiter_of_the_service_is_served_by_whichever_pool_has_room_f
     room = WaitingRoom()
     frozen, peers, _ = _pool_of(room=room, port=1)
     healthy, more_peers, _ = _pool_of(room=room, port=2)
-    room.pools = [frozen, healthy]
     stuck = frozen.acquire(time.monotonic() + 1)  # never comes back
     busy = healthy.acquire(time.monotonic() + 1)
     served: list[tuple[int, InstancePool]] = []

@@ -131,19 +131,14 @@ class TwoChoices:
     """Power of two choices on ``cost(pool, now)``; prefers pools with room."""
 
     def __init__(
-        self,
-        cost: Callable[[Candidate, float], float],
-        rng: random.Random | None = None,
-        *,
-        weighted_draws: bool,
+        self, cost: Callable[[Candidate, float], float], rng: random.Random | None = None
     ) -> None:
         self._cost = cost
         self._random = rng or random.Random()
-        self._weights = _Weights() if weighted_draws else None
+        self._weights = _Weights()
 
     def _draw(self, pools: Sequence[P], now: float) -> P:
-        if self._weights is None:
-            return pools[int(self._random.random() * len(pools))]
+        """One pool, drawn in proportion to the weights (uniformly while they are equal)."""
         cumulative = self._weights.of(pools, now)
         if cumulative is None:
             return pools[int(self._random.random() * len(pools))]
@@ -204,7 +199,7 @@ class LeastInUse(TwoChoices):
     proportion to the weights, so idle pools (all at zero) share in proportion too."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        super().__init__(_load, rng, weighted_draws=True)
+        super().__init__(_load, rng)
 
 
 class PeakEwma(TwoChoices):
@@ -213,7 +208,7 @@ class PeakEwma(TwoChoices):
     start) is seldom even compared, although it looks cheap before its first reply."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
-        super().__init__(_peak_ewma_cost, rng, weighted_draws=True)
+        super().__init__(_peak_ewma_cost, rng)
 
 
 def _point(text: str) -> int:

@@ -217,10 +217,10 @@ class PipelinedConnection:
                     batch, self._queue = self._queue, []
                     soon = self._clock() + self._min_time_left
                     for call in batch:
-                        call.written = True
                         if call.deadline <= soon:  # queued too long: its caller gives up
                             batch = self._drop_short(batch, soon)
                             break
+                        call.written = True
                     if not batch:
                         continue
                     data = (
@@ -253,7 +253,6 @@ class PipelinedConnection:
                 call.written = True
                 keep.append(call)
                 continue
-            call.written = False
             self._pending.pop(call.seqid, None)
             error = CallTimeoutError(self._name, call.spec.name, 0.0, sent=False)
             run_callback(call.waiter.switch, error)

@@ -122,12 +122,11 @@ class WaitingRoom:
     """The callers waiting for a connection in any pool of one service, oldest first: any
     pool with room serves the oldest of them (see the module)."""
 
-    __slots__ = ("count", "pools", "queue")
+    __slots__ = ("count", "queue")
 
     def __init__(self) -> None:
         self.queue: deque[_Waiter] = deque()  # oldest first; also some that left
         self.count = 0  # waiting and not yet served
-        self.pools: list[InstancePool] = []  # the service's pools (ServicePools keeps it)
 
     def next(self) -> _Waiter | None:
         """Take the oldest waiter still waiting (it is being served), or None."""
@@ -505,17 +504,13 @@ class InstancePool:
                 self._grant_slot()
             return
         if self._max_inflight > 1:
-            if holders == 0:
-                self._shared.remove(connection)  # handed on (or idle) below
-            elif holders == self._max_inflight - 1:
-                self._shared.append(connection)  # room again: for the waiters, or anyone
-                self._share_room(connection)
+            if holders:
+                if holders == self._max_inflight - 1:
+                    self._shared.append(connection)  # room again: for the waiters, or anyone
+                if self._room.count:
+                    self._share_room(connection)
                 return
-            elif self._room.count:
-                self._share_room(connection)
-                return
-            else:
-                return
+            self._shared.remove(connection)  # nobody holds it: handed on, or idle, below
         self._deliver(connection)
 
     def _opened(self, connection: PooledConnection) -> PooledConnection:
@@ -549,7 +544,7 @@ class InstancePool:
         if self._ejected_until is None:
             return True
         now = self._clock()
-        return not any(p is not self and p.available(now) for p in self._room.pools)
+        return not any(p is not self and p.available(now) for p in self._guard.pools)
 
     def _deliver(self, connection: PooledConnection) -> None:
         """A connection nobody holds: to the oldest waiters (pipelined: as many as it has

@@ -101,7 +101,7 @@ class ServicePools(Mapping[str, InstancePool]):
             self._by_id[instance.id or str(instance)] = pool
             fresh.append(pool)
         self.active = list(self._by_id.values())
-        self._room.pools = self._guard.pools = self.active
+        self._guard.pools = self.active
         if self._settings.min_idle:
             for pool in fresh:
                 gevent.spawn(pool.fill)

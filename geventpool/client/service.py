@@ -337,7 +337,7 @@ class ServiceClient:
             result = pool.call(connection, method, args, kwargs, ends, started=now)
         except Exception as error:  # noqa: BLE001 - the policy decides what is retried
             pool.release(connection)
-            return self._again(method, args, kwargs, deadline, pool=pool, error=error)
+            return self._again(method, args, kwargs, deadline, pool=pool, error=error, key=key)
         except BaseException:
             pool.release(connection)
             raise
@@ -395,6 +395,7 @@ class ServiceClient:
         *,
         pool: InstancePool,
         error: Exception,
+        key: Hashable,
     ) -> Any:
         """The call failed with ``error`` on ``pool``: make it again while the policy, the
         budget and the deadline allow; else raise (``error`` itself after one attempt)."""
@@ -419,7 +420,6 @@ class ServiceClient:
             if pause:
                 gevent.sleep(min(pause, max(0.0, deadline - clock())))
             try:
-                key = None if self._hash_key is None else self._hash_key(method, args)
                 pool, connection = self._checkout(deadline, method, tried, key)
             except RetriesExhaustedError as exhausted:
                 raise RetriesExhaustedError(
