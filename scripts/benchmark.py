@@ -736,6 +736,8 @@ def markdown(results: dict[str, Any]) -> str:
         "clients run interleaved, round after round, against the same server process.",
         "Failover figures (SIGKILL, SIGSTOP, a slow instance, a total outage) are in"
         " [failover.md](failover.md) (`scripts/failover_figures.py`).",
+        "Alert delivery and the hub without monkey-patching (working and black-holed endpoints)"
+        " is in [alert_stall.md](alert_stall.md) (`scripts/alert_stall.py`).",
         "",
         f"## Throughput and latency ({results['settings']['rounds']} rounds of"
         f" {results['settings']['callers']} callers x {results['settings']['calls_each']} calls)",

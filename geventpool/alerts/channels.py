@@ -3,7 +3,9 @@ DingTalk and WeCom robots), SMS through an HTTP gateway, or a Python callable.
 
 Every channel's :meth:`send` delivers one notification or raises; it is called by the
 alerter's delivery greenlet for that channel, never by a caller, with a time limit, retries and
-back-off around it. Secrets (passwords, tokens, webhook URLs, which carry tokens) are
+back-off around it. Their network I/O is gevent's own (sockets, TLS and name lookups), so a
+delivery waiting on an endpoint never holds the hub, with or without monkey-patching.
+Secrets (passwords, tokens, webhook URLs, which carry tokens) are
 :class:`~geventpool.secret.Secret` values: ``name`` and ``repr`` show only a URL's scheme and
 host, and :meth:`secrets` lets the alerter redact them from any error it logs.
 """
@@ -13,21 +15,26 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.client
 import json
 import smtplib
+import socket
 import ssl
 import string
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from email import policy as _email_policy  # noqa: F401 - imported now, not at the first alert
 from email.message import EmailMessage
 from typing import Any, Protocol
+
+import gevent.socket
 
 from geventpool import events
 from geventpool.alerts.notification import RESOLVED, Notification
 from geventpool.errors import ConfigurationError, GeventPoolError
 from geventpool.secret import Secret
+from geventpool.tls import cooperative_context
 
 WEBHOOK_PRESETS = ("json", "slack", "dingtalk", "wecom")
 SMTP_SECURITY = ("starttls", "ssl", "none")
@@ -50,12 +57,50 @@ class Channel(Protocol):
 
 def tls_context(ca_file: str | None = None, verify: bool = True) -> ssl.SSLContext:
     """A client TLS context: the system's CAs (or ``ca_file``), hostname checked unless
-    ``verify`` is False."""
-    context = ssl.create_default_context(cafile=ca_file)
+    ``verify`` is False; its sockets are gevent's, so a handshake never blocks the hub."""
+    context = cooperative_context(ssl.Purpose.SERVER_AUTH, ca_file)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class _SMTP(smtplib.SMTP):
+    """``smtplib.SMTP`` on a gevent socket: it waits without blocking the hub, with or
+    without monkey-patching (STARTTLS is cooperative through :func:`tls_context`)."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock: socket.socket = gevent.socket.create_connection((host, port), timeout)
+        return sock
+
+
+class _SMTPS(smtplib.SMTP_SSL):
+    """``smtplib.SMTP_SSL`` on a gevent socket (see :class:`_SMTP`)."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = gevent.socket.create_connection((host, port), timeout)
+        wrapped: socket.socket = self.context.wrap_socket(sock, server_hostname=host)
+        return wrapped
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """``http.client.HTTPConnection`` on a gevent socket (cooperative without
+    monkey-patching)."""
+
+    def __init__(self, host: str, port: int | None, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._create_connection = gevent.socket.create_connection
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """``http.client.HTTPSConnection`` on a gevent socket, with a context from
+    :func:`tls_context` (so its handshake is cooperative too)."""
+
+    def __init__(
+        self, host: str, port: int | None, timeout: float, context: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._create_connection = gevent.socket.create_connection
 
 
 def public_url(url: str) -> str:
@@ -134,9 +179,9 @@ class SmtpChannel:
         message.set_content(notification.text)
         smtp: smtplib.SMTP
         if self._security == "ssl":
-            smtp = smtplib.SMTP_SSL(self._host, self._port, timeout=timeout, context=self._context)
+            smtp = _SMTPS(self._host, self._port, timeout=timeout, context=self._context)
         else:
-            smtp = smtplib.SMTP(self._host, self._port, timeout=timeout)
+            smtp = _SMTP(self._host, self._port, timeout=timeout)
         with smtp:
             if self._security == "starttls":
                 smtp.starttls(context=self._context)
@@ -160,12 +205,26 @@ def _post(
     context: ssl.SSLContext | None,
     method: str = "POST",
 ) -> bytes:
-    request = urllib.request.Request(url, data=body, headers=dict(headers), method=method)
-    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-        if not 200 <= response.status < 300:
-            raise DeliveryError(f"HTTP {response.status}")
-        data: bytes = response.read(65536)
-        return data
+    """One HTTP request on a gevent socket; the answer's first 64 KiB, or
+    :class:`DeliveryError` for a status outside 2xx (redirects are not followed: a webhook
+    that moved is a configuration to fix, not a request to resend elsewhere)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    connection: http.client.HTTPConnection
+    if parts.scheme == "https":
+        connection = _HTTPSConnection(host, parts.port, timeout, context)
+    else:
+        connection = _HTTPConnection(host, parts.port, timeout)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request(method, target, body=body, headers=dict(headers))
+        response = connection.getresponse()
+        data = response.read(65536)
+    finally:
+        connection.close()
+    if not 200 <= response.status < 300:
+        raise DeliveryError(f"HTTP {response.status} {response.reason}".rstrip())
+    return data
 
 
 def _json_string_body(value: str) -> str:

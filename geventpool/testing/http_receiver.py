@@ -3,12 +3,14 @@
 :class:`HttpReceiver` records every request (method, path, query, headers, body) and answers
 according to :attr:`HttpReceiver.mode`: ``ok`` (200 with :attr:`HttpReceiver.reply`),
 ``fail`` (500), or ``hang`` (accepts, reads the request, never answers). ``GET /_requests``
-returns the requests recorded so far as JSON (for a verdict in another process).
+returns the requests recorded so far as JSON (for a verdict in another process). Given an
+``ssl_context`` it serves HTTPS.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,11 +42,18 @@ class Request:
 class HttpReceiver:
     """Records requests and answers them as :attr:`mode` says."""
 
-    def __init__(self, reply: bytes = b'{"errcode": 0, "errmsg": "ok"}') -> None:
+    def __init__(
+        self,
+        reply: bytes = b'{"errcode": 0, "errmsg": "ok"}',
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.reply = reply
         self.mode = "ok"
         self.requests: list[Request] = []
-        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None)
+        tls: dict[str, Any] = {"ssl_context": ssl_context} if ssl_context else {}
+        self._scheme = "https" if ssl_context else "http"
+        self._server = WSGIServer(("127.0.0.1", 0), self._app, log=None, error_log=None, **tls)
 
     def start(self) -> HttpReceiver:
         """Start listening; returns self."""
@@ -57,7 +66,7 @@ class HttpReceiver:
 
     def url(self, path: str = "/hook") -> str:
         """The URL of ``path`` on this receiver."""
-        return f"http://127.0.0.1:{self._server.server_port}{path}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_port}{path}"
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Request]:
         """Wait until ``count`` requests arrived; return them (AssertionError on timeout)."""
