@@ -263,6 +263,62 @@ def test_a_slow_idempotent_call_is_hedged_on_another_instance_within_the_extra_l
     assert Hedger(Hedge(max_extra=0.01)).allow() is False  # the cap: 1% of no calls is none
 
 
+@pytest.mark.gevent_timeout(30)
+def test_a_hedged_call_ends_at_its_deadline_even_when_its_attempt_starts_late(
+    hostile: ServerProcess, make_client: Callable[..., ServiceClient]
+) -> None:
+    """The hedged attempt runs in a greenlet of its own; 80 ms of other greenlets' work queued
+    before it must not move the call's deadline (it did: 0.184 s for a 0.1 s timeout)."""
+    assert hostile.port is not None
+    client = make_client(
+        [hostile.port], retry=Retry(idempotent=True, retries=0), hedge=Hedge(max_extra=0.0)
+    )
+    client.echo("ok:warm up")
+
+    def busy() -> None:
+        began = time.perf_counter()
+        while time.perf_counter() - began < 0.002:
+            pass
+
+    took: list[float] = []
+
+    def caller() -> None:
+        began = time.monotonic()
+        with pytest.raises(TransportError):
+            client.echo("silence", timeout=0.1)
+        took.append(time.monotonic() - began)
+
+    calling = gevent.spawn(caller)
+    burst = [gevent.spawn(busy) for _ in range(40)]  # queued behind the caller, before its attempt
+    gevent.joinall([*burst, calling], timeout=10, raise_error=True)
+    assert len(took) == 1 and took[0] < 0.14, took
+
+
+def test_a_failed_hedged_call_raises_in_the_caller_and_prints_no_traceback(
+    servers: Callable[..., ServerProcess],
+    make_client: Callable[..., ServiceClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The racing attempts hand their error to the caller; none dies in its greenlet (gevent
+    printed a traceback for each failed hedged call)."""
+    server = servers()
+    assert server.port is not None
+    client = make_client([server.port], retry=Retry(idempotent=True), hedge=Hedge())
+    printed: list[object] = []
+    hub = gevent.get_hub()
+    monkeypatch.setattr(hub, "print_exception", lambda *args: printed.append(args))
+    for _ in range(3):
+        with pytest.raises(echo_thrift.Refused):
+            client.refuse("no")
+    assert printed == []
+
+
+def test_hedge_settings_of_the_wrong_type_are_configuration_errors() -> None:
+    for bad in ({"percentile": "0.9"}, {"max_extra": None}, {"percentile": True}):
+        with pytest.raises(ConfigurationError):
+            Hedge(**bad)
+
+
 def test_an_attempt_timeout_runs_from_the_send_not_from_the_wait_for_a_connection(
     serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient]
 ) -> None:

@@ -31,6 +31,10 @@ class Hedge:
     samples: int = 1000
 
     def __post_init__(self) -> None:
+        for name in ("percentile", "max_extra"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"{name} must be a number, not {value!r}")
         if not 0 < self.percentile < 1:
             raise ConfigurationError(
                 f"percentile must be a fraction between 0 and 1, not {self.percentile!r}"

@@ -319,11 +319,16 @@ class ServiceClient:
         *,
         avoid: tuple[InstancePool, ...] = (),
         chosen: list[InstancePool] | None = None,
+        ends_at: float | None = None,
     ) -> Any:
         """One call, retried as the policy allows (see :meth:`call`); elsewhere than ``avoid``
-        while another instance is left; the pool it goes to is appended to ``chosen``."""
+        while another instance is left; the pool it goes to is appended to ``chosen``. Its
+        deadline is ``timeout`` from now, or ``ends_at`` on the client's clock when given."""
         now = self._clock()
-        deadline = now + (self._call_timeout if timeout is None else timeout)
+        if ends_at is None:
+            deadline = now + (self._call_timeout if timeout is None else timeout)
+        else:
+            deadline = ends_at
         self._budget.calls += 1
         key = None if self._hash_key is None else self._hash_key(method, args)
         pool, connection = self._checkout(deadline, method, avoid, key)
@@ -353,38 +358,48 @@ class ServiceClient:
         assert hedger is not None
         clock = self._clock
         began = clock()
-        total = self._call_timeout if timeout is None else timeout
+        ends_at = began + (self._call_timeout if timeout is None else timeout)
         delay = hedger.delay()
         chosen: list[InstancePool] = []
-        first = gevent.spawn(self._call, method, args, kwargs, total, chosen=chosen)
+
+        def attempt(**where: Any) -> tuple[bool, Any]:
+            # (ok, result or error): the error goes to the caller, not to the hub's printout
+            try:
+                return True, self._call(method, args, kwargs, None, ends_at=ends_at, **where)
+            except Exception as error:  # noqa: BLE001 - raised in the caller's greenlet
+                return False, error
+
+        first = gevent.spawn(attempt, chosen=chosen)
         racing = [first]
         try:
             first.join(delay)
             if not first.ready() and hedger.allow():
-                left = total - (clock() - began)
                 events.emit(
                     events.CALL_HEDGED, "debug", service=self.name, method=method, after=delay
                 )
                 elsewhere = tuple(chosen)  # the instance the first went to, if it is known
-                racing.append(gevent.spawn(self._call, method, args, kwargs, left, avoid=elsewhere))
-            winner = self._first_success(racing)
+                racing.append(gevent.spawn(attempt, avoid=elsewhere))
+            ok, outcome = self._first_success(racing)
         finally:
             for greenlet in racing:
                 if not greenlet.ready():
                     greenlet.kill(block=False)  # the loser: its connection is given back
         hedger.observe(clock() - began)
-        return winner.get()
+        if ok:
+            return outcome
+        raise outcome
 
     @staticmethod
-    def _first_success(racing: list[gevent.Greenlet]) -> gevent.Greenlet:
-        """The first of ``racing`` to succeed, or the last to fail."""
+    def _first_success(racing: list[gevent.Greenlet]) -> tuple[bool, Any]:
+        """The outcome of the first of ``racing`` to succeed, or of the last to fail."""
         pending = list(racing)
         while True:
             done = gevent.wait(pending, count=1)
             for greenlet in done:
                 pending.remove(greenlet)
-                if greenlet.successful() or not pending:
-                    return greenlet
+                outcome: tuple[bool, Any] = greenlet.get()
+                if outcome[0] or not pending:
+                    return outcome
 
     def _again(
         self,
