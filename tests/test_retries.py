@@ -145,6 +145,40 @@ def test_the_retry_budget_bounds_the_retries_when_every_instance_fails(
     assert len(events_named(captured, events.RETRY_BUDGET_EXHAUSTED)) == 1  # one a second
 
 
+def test_a_budget_that_refuses_a_connect_failover_is_said_by_type_and_event(
+    make_client: Callable[..., ServiceClient],
+    hostile: ServerProcess,
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    """A sent attempt is cut, the retry's connect is refused (an instance is down), and the
+    budget refuses to try another: RetryBudgetExhaustedError (it was a plain
+    RetriesExhaustedError) and the event. In a total outage, where every refusal comes from
+    a connect failover, the event is told too (it was never)."""
+    assert hostile.port is not None
+    client = make_client(
+        [free_port(), hostile.port],
+        retry=Retry(idempotent=True, retries=3),
+        retry_budget=RetryBudget(percent=0.0, min_per_second=0.1, window=10.0),
+    )
+    with pytest.raises(RetryBudgetExhaustedError) as caught:
+        client.echo("close")  # to the hostile one first or after the refused connect
+    assert client.status().retries_refused == 1
+    assert len(caught.value.attempts) >= 2, caught.value.attempts
+    assert len(events_named(captured, events.RETRY_BUDGET_EXHAUSTED)) == 1
+    client.stop()
+    captured.clear()
+    outage = make_client(
+        [free_port(), free_port(), free_port()],
+        retry=Retry(idempotent=True),
+        retry_budget=RetryBudget(percent=0.0, min_per_second=0.0, window=10.0),
+    )
+    for _ in range(3):
+        with pytest.raises(RetryBudgetExhaustedError):
+            outage.echo("x")
+    assert outage.status().retries_refused == 3
+    assert len(events_named(captured, events.RETRY_BUDGET_EXHAUSTED)) == 1  # one a second
+
+
 @pytest.mark.gevent_timeout(30)
 def test_an_attempt_timeout_moves_an_idempotent_call_off_a_frozen_instance(
     servers: Callable[..., ServerProcess], make_client: Callable[..., ServiceClient]

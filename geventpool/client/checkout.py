@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Sequence
 
+from geventpool import events
 from geventpool.client.balancer import Balancer
 from geventpool.client.connection import PooledConnection
 from geventpool.client.exhaustion import ExhaustionReporter
@@ -65,6 +66,7 @@ class Checkout:
         self._budget = budget
         self._clock = clock
         self.failovers = 0  # connects retried on another instance
+        self._budget_event = float("-inf")
 
     def acquire(
         self,
@@ -104,12 +106,31 @@ class Checkout:
                     raise RetriesExhaustedError(self._service_name, list(attempts)) from error
                 budget = self._budget
                 if isinstance(error, ConnectError) and budget and not budget.withdraw(now):
+                    self.budget_spent(method)
                     raise RetryBudgetExhaustedError(
                         self._service_name, list(attempts), budget.describe()
                     ) from error
                 self.failovers += 1
             except PoolExhaustedError as error:
                 raise self._exhaustion.report(pools.active, error.timeout) from None
+
+    def budget_spent(self, method: str) -> None:
+        """The retry budget refused a retry of ``method`` (here or after a call failed): the
+        ``retry_budget_exhausted`` event, at most one a second."""
+        now = self._clock()
+        budget = self._budget
+        if budget is None or now - self._budget_event < 1.0:
+            return
+        self._budget_event = now
+        events.emit(
+            events.RETRY_BUDGET_EXHAUSTED,
+            "warning",
+            service=self._service_name,
+            method=method,
+            budget=budget.describe(),
+            retries=budget.retries,
+            refused=budget.refused,
+        )
 
     def _any_pool(self, tried: Sequence[InstancePool]) -> InstancePool | None:
         """Every instance is ejected: rather than fail, try the least loaded one anyway."""

@@ -169,7 +169,6 @@ class ServiceClient:
         self._retry = retry
         self._attempt_timeout = retry.attempt_timeout
         self._budget = retry_budget or RetryBudget(clock=clock)
-        self._budget_event = float("-inf")
         self._retried = 0  # every retry, budgeted or not
         self._hedger = Hedger(hedge) if hedge is not None else None
         self._empty_protection = empty_protection
@@ -427,7 +426,7 @@ class ServiceClient:
             if len(attempts) > retry.retries:
                 raise RetriesExhaustedError(self.name, attempts) from error
             if how is RESEND and not budget.withdraw(now):
-                self._budget_spent(method)
+                self._checkouts.budget_spent(method)
                 raise RetryBudgetExhaustedError(self.name, attempts, budget.describe()) from error
             self._retried += 1
             emit_retry(self.name, method, len(attempts) + 1, error, how)
@@ -436,6 +435,10 @@ class ServiceClient:
                 gevent.sleep(min(pause, max(0.0, deadline - clock())))
             try:
                 pool, connection = self._checkout(deadline, method, tried, key)
+            except RetryBudgetExhaustedError as refused:
+                raise RetryBudgetExhaustedError(
+                    self.name, [*attempts, *refused.attempts], budget.describe()
+                ) from refused
             except RetriesExhaustedError as exhausted:
                 raise RetriesExhaustedError(
                     self.name, [*attempts, *exhausted.attempts]
@@ -459,23 +462,6 @@ class ServiceClient:
                 raise
             pool.release(connection)
             return result
-
-    def _budget_spent(self, method: str) -> None:
-        """The rate-limited ``retry_budget_exhausted`` event (at most one a second)."""
-        now = self._clock()
-        if now - self._budget_event < 1.0:
-            return
-        self._budget_event = now
-        budget = self._budget
-        events.emit(
-            events.RETRY_BUDGET_EXHAUSTED,
-            "warning",
-            service=self.name,
-            method=method,
-            budget=budget.describe(),
-            retries=budget.retries,
-            refused=budget.refused,
-        )
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[PinnedConnection]:
