@@ -3,19 +3,22 @@ calls are spread, printed and checked."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import gevent
 import pytest
 
+from geventpool import events
 from geventpool.client.pool import PoolSettings
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
+from helpers import events_named, wait_until
 
 
 @pytest.fixture
@@ -158,3 +161,50 @@ def test_consistent_hash_sends_a_key_to_one_instance_and_spreads_the_keys(
         key["value"] = f"user-{number}"
         owners.add(client.whoami())
     assert owners == {server.address for server in fleet}
+
+
+@pytest.mark.gevent_timeout(30)
+@pytest.mark.parametrize("balancer", ["round_robin", "consistent_hash"])
+def test_a_caller_whose_instance_is_frozen_and_full_is_served_by_the_idle_one(
+    servers: Callable[..., ServerProcess],
+    make_client: Callable[..., ServiceClient],
+    balancer: str,
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    """One connection per instance; one instance frozen (SIGSTOP) with its connection held by
+    a call. A caller the balancer sends there (round robin's turn, or a key that hashes
+    there) is served by the other instance's idle connection at once; it waited out its
+    pool_timeout and got PoolExhaustedError ("add server instances") while that connection sat
+    idle. A consistent hash keeps a key on its instance while that has room: beyond, the call
+    spills over (bounded-load hashing) rather than wait."""
+    healthy, frozen = servers(), servers()
+    owner = {"value": ""}
+    client = make_client(
+        [at(healthy), at(frozen)],
+        balancer=balancer,
+        hash_key=lambda method, args: owner["value"],
+        pool={"max_connections": 1, "pool_timeout": 1.0},
+        call_timeout=5.0,
+    )
+    if balancer == "consistent_hash":  # a key whose instance is the one to be frozen
+        for number in range(1000):
+            owner["value"] = f"user-{number}"
+            if client.whoami() == frozen.address:
+                break
+        assert {client.whoami() for _ in range(4)} == {frozen.address}
+    frozen.signal(signal.SIGSTOP)
+    try:
+        holder = gevent.spawn(client.slow_echo, "held", 0.0)
+        wait_until(lambda: _in_use(client, frozen) == 1, 5)
+        for _ in range(3):  # each would be sent to (or hashed onto) the frozen instance
+            began = time.monotonic()
+            assert client.whoami() == healthy.address
+            assert time.monotonic() - began < 0.5
+    finally:
+        frozen.signal(signal.SIGCONT)
+    assert holder.get(timeout=10) == "held"
+    assert not events_named(captured, events.POOL_EXHAUSTED)
+
+
+def _in_use(client: ServiceClient, server: ServerProcess) -> int:
+    return next(s.in_use for s in client.status().instances if s.instance == server.address)

@@ -87,7 +87,7 @@ def _peak_ewma_cost(pool: Candidate, now: float) -> float:
 
 
 class RoundRobin:
-    """Each available pool in turn."""
+    """Each available pool in turn, skipping those with no room while another has some."""
 
     def __init__(self) -> None:
         self._next = 0
@@ -96,12 +96,16 @@ class RoundRobin:
         self, pools: Sequence[P], now: float, tried: Collection[P], key: Hashable = None
     ) -> P | None:
         count = len(pools)
+        full: P | None = None
         for _ in range(count):
             self._next = (self._next + 1) % count
             pool = pools[self._next]
             if pool.available(now) and pool not in tried:
-                return pool
-        return None
+                if pool.has_capacity():
+                    return pool
+                if full is None:
+                    full = pool
+        return full
 
 
 class _Weights:
@@ -218,7 +222,10 @@ def _point(text: str) -> int:
 class ConsistentHash:
     """The pool a call's key maps to on a ring of :data:`VIRTUAL_NODES` points per instance;
     the next available one along the ring when it is not; calls without a key go to a pool
-    chosen by :class:`PeakEwma`."""
+    chosen by :class:`PeakEwma`. Affinity holds while the key's instance has room: a call that
+    finds it full waits in the service's waiting room like any other and is served by the
+    first instance with room (bounded-load hashing: a hot key spills over rather than queue
+    behind its instance)."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self._fallback = PeakEwma(rng)

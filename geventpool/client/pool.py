@@ -567,7 +567,7 @@ class InstancePool:
                 self._opening += 1
                 waiter.result.set((self, _OPEN_SLOT))
 
-    def _serve_room(self) -> None:
+    def serve_room(self) -> None:
         """Give whatever room this pool has to the service's waiters, oldest first (a caller
         that found someone waiting calls it before it queues, so that room here never sits
         unused behind a queue: the balancer may have sent the waiters elsewhere)."""
@@ -637,12 +637,17 @@ class InstancePool:
             raise self.exhausted(0.0)
         room = self._room
         if room.count:
-            self._serve_room()  # room here goes to those who came first
+            self.serve_room()  # room here goes to those who came first
         waiter = _Waiter(self)
         room.queue.append(waiter)
         room.count += 1
         self._waiting += 1
         result = waiter.result
+        for pool in self._guard.pools:  # room elsewhere (the balancer's choice was full)
+            if result.ready():
+                break
+            if pool is not self:
+                pool.serve_room()
         try:
             value = result.wait(timeout)
         except BaseException:
