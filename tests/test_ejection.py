@@ -19,7 +19,7 @@ from geventpool.client.pool import InstancePool, PoolSettings
 from geventpool.client.retrying import Retry
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
-from geventpool.errors import CallTimeoutError, TransportError
+from geventpool.errors import CallTimeoutError, GeventPoolError, TransportError
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.faults import TcpProxy
@@ -379,5 +379,44 @@ def test_calls_that_time_out_on_their_callers_own_tiny_deadline_do_not_eject(
         assert any(sent), sent  # (a loaded machine may spend a deadline before sending)
         [status] = client.status().instances
         assert (status.failures, status.ejections) == (0, 0), status
+    finally:
+        client.stop()
+
+
+@pytest.mark.gevent_timeout(60)
+def test_an_overloaded_client_whose_callers_waited_out_their_deadline_ejects_no_instance(
+    servers: Callable[..., ServerProcess], captured: list[MutableMapping[str, Any]]
+) -> None:
+    """60 callers, 6 connections to three healthy instances that answer in 80 ms: calls wait
+    in the client's own queue and are sent with less time left than the instances need. Those
+    timeouts are the client's overload, not the instances' failure (one was ejected and
+    reported unresponsive, 58 more ejections held back only by the cap)."""
+    fleet = [servers("--latency", "0.08") for _ in range(3)]
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[Instance(host="127.0.0.1", port=s.port or 0) for s in fleet],
+        pool=PoolSettings(max_connections=2, pool_timeout=1.0),
+        call_timeout=0.5,
+    )
+    timeouts = 0
+
+    def caller() -> None:
+        nonlocal timeouts
+        ends = time.monotonic() + 3.0
+        while time.monotonic() < ends:
+            try:
+                client.echo("x")
+            except CallTimeoutError as error:
+                timeouts += error.sent
+            except GeventPoolError:  # (a wait cut by the deadline, say): the overload too
+                pass
+
+    try:
+        gevent.joinall([gevent.spawn(caller) for _ in range(60)], timeout=30, raise_error=True)
+        assert timeouts > 20, timeouts  # sent, then out of time: the case at hand
+        assert not events_named(captured, events.INSTANCE_EJECTED)
+        assert not events_named(captured, events.INSTANCE_UNRESPONSIVE)
+        assert all(pool.ejections_capped == 0 for pool in client._pools.values())
     finally:
         client.stop()

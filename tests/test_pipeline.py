@@ -8,13 +8,15 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import gevent
 import pytest
 
+from geventpool import events
 from geventpool.client.pipeline import PipelinedConnection
 from geventpool.client.pool import PoolSettings
 from geventpool.client.service import ServiceClient
@@ -22,6 +24,7 @@ from geventpool.discovery.instance import Instance
 from geventpool.errors import (
     CallTimeoutError,
     ConnectionClosedError,
+    GeventPoolError,
     PoolExhaustedError,
     ProtocolViolationError,
     TransportError,
@@ -30,7 +33,7 @@ from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.apache_peer import generate
 from geventpool.testing.echo import EchoHandler, echo_thrift
 from geventpool.testing.processes import ServerProcess
-from helpers import wait_until
+from helpers import events_named, wait_until
 
 CODECS = [
     ("buffered", "binary"),
@@ -386,9 +389,11 @@ def test_a_oneway_call_being_written_when_the_connection_breaks_fails_at_once() 
         peer.close()
 
 
-def test_late_calls_keep_no_request_bytes_and_too_many_break_the_connection_at_once(
+def test_late_calls_keep_no_request_bytes_and_too_many_retire_the_connection_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One late call too many: the connection takes no new call (it is not broken: the calls
+    in flight on it go on; it closes when the last leaves)."""
     monkeypatch.setattr("geventpool.client.pipeline.MAX_LATE", 4)
     connection, peer = pipelined_pair()
     drain = gevent.spawn(lambda: [None for _ in iter(lambda: peer.recv(1 << 20), b"")])
@@ -398,14 +403,49 @@ def test_late_calls_keep_no_request_bytes_and_too_many_break_the_connection_at_o
                 connection.call("echo", ("y" * 100_000,), {}, time.monotonic() + 0.05)
             assert len(connection._late) == count + 1
         assert all(call.request == b"" for call in connection._late.values())
-        assert not connection.broken
+        assert connection.usable(time.monotonic())
         with pytest.raises(CallTimeoutError):
             connection.call("echo", ("one too many",), {}, time.monotonic() + 0.05)
-        assert connection.broken  # at once, not at the reaper's next round
+        assert not connection.broken and not connection.usable(time.monotonic())
+        assert not connection.overdue(time.monotonic())  # nothing is overdue: not stuck
     finally:
         connection.close()
         peer.close()
         drain.kill()
+
+
+@pytest.mark.gevent_timeout(60)
+def test_callers_giving_up_by_their_own_timeouts_fail_no_other_call_nor_eject_the_instance(
+    serve: Callable[..., ThriftServer],
+    pipelined: Callable[..., ServiceClient],
+    captured: list[MutableMapping[str, Any]],
+) -> None:
+    """64 callers each leave their call after 5 ms (their own gevent.Timeout): far more than
+    MAX_LATE late replies on the one connection. That connection retires; no call fails
+    with anything but the caller's own timeout and the instance is not ejected (the
+    connection was broken as "stuck", 384 calls in flight failed and the instance was
+    ejected)."""
+    server = serve()
+    client = pipelined(server.port, max_connections=1, max_inflight=32)
+    outcomes: Counter[str] = Counter()
+
+    def caller() -> None:
+        ends = time.monotonic() + 1.5
+        while time.monotonic() < ends:
+            try:
+                with gevent.Timeout(0.005):
+                    client.slow_echo("x", 0.3)
+            except gevent.Timeout:
+                outcomes["own timeout"] += 1
+            except GeventPoolError as error:
+                outcomes[type(error).__name__] += 1
+
+    gevent.joinall([gevent.spawn(caller) for _ in range(64)], timeout=30, raise_error=True)
+    assert set(outcomes) == {"own timeout"} and outcomes["own timeout"] > 2 * 1024, outcomes
+    assert not events_named(captured, events.INSTANCE_EJECTED)
+    wait_until(lambda: client.status().instances[0].in_use == 0, 5)
+    [status] = client.status().instances
+    assert status.state == "active" and status.opened >= 2, status  # the retired one replaced
 
 
 def test_a_call_running_past_the_servers_idle_timeout_keeps_its_connection_open(

@@ -20,9 +20,11 @@ before anything is written; every failure is typed), for any number of concurren
   back (``sent=False``); one in the batch the writer has begun to write is committed (it
   leaves with the batch once the peer reads: ``sent=True``, it may run), and its late reply,
   like any other, is recognised by its sequence id and dropped. A late call keeps no request
-  bytes. The connection stays in service, unless its late replies pile up: a connection
-  whose oldest late reply is overdue by ``stuck_after`` seconds, or that owes more than
-  :data:`MAX_LATE` of them, is stuck (:meth:`overdue`) and the pool breaks it.
+  bytes. The connection stays in service, unless its late replies pile up. One that owes
+  more than :data:`MAX_LATE` of them retires: it takes no new call, its calls in flight end
+  as they would, and it closes when the last one does (their callers left: not the
+  instance's failure). One whose oldest late reply is overdue by ``stuck_after`` seconds is
+  stuck (:meth:`overdue`): the instance did not answer, and the pool breaks it.
 * **A break fails every call at once.** When the connection breaks (reset, end of file, a
   protocol violation, stuck), each call whose request was written gets a
   :class:`~geventpool.errors.TransportError` (or :class:`~geventpool.errors.ProtocolViolationError`
@@ -201,7 +203,7 @@ class PipelinedConnection:
         if self._pending.pop(call.seqid, None) is not None:
             self._late[call.seqid] = call
             if len(self._late) > MAX_LATE:
-                self.fail_stuck(self._clock())
+                self.expires_at = float("-inf")  # retires: no new call (see the module)
         return True
 
     # -- the writer and the reader ---------------------------------------------------------------
@@ -332,13 +334,11 @@ class PipelinedConnection:
         return TransportError(self._name, f"{method}(): {error!r}")
 
     def overdue(self, now: float) -> bool:
-        """Whether the connection is stuck: a late reply is overdue by ``stuck_after`` seconds,
-        or more than :data:`MAX_LATE` are owed."""
+        """Whether the connection is stuck: a late reply is overdue by ``stuck_after``
+        seconds."""
         late = self._late
         if not late:
             return False
-        if len(late) > MAX_LATE:
-            return True
         oldest = next(iter(late.values()))  # dicts keep insertion order: the first left first
         return now - oldest.deadline > self._stuck_after
 

@@ -157,8 +157,10 @@ class PoolSettings:
     still written (with less, the call fails at once with
     :class:`~geventpool.errors.CallTimeoutError`, ``sent`` False: the server would run a call
     whose caller had given up); ``count_timeouts_after``: a call that timed out counts against
-    its instance only if it was given at least this long (a caller's own 5 ms deadline says
-    nothing of an instance that answers in 10); ``min_idle`` idle connections kept open (also
+    its instance only if it was given at least this long, and at least twice the time the
+    instance's calls usually take from the send (a caller's own 5 ms deadline says nothing
+    of an instance that answers in 10, nor 77 ms left after a wait in the client's own queue
+    of one that answers in 80); ``min_idle`` idle connections kept open (also
     the count opened when an instance joins); ``pool_timeout`` the longest wait for a connection;
     ``connect_timeout`` for opening one; ``idle_timeout`` after which an idle connection above
     ``min_idle`` is closed (None: never); ``max_lifetime`` after which any connection is
@@ -301,6 +303,7 @@ class InstancePool:
         self.instance = instance
         now = clock()
         self.latency = PeakEwma(now)  # what its calls cost now (the peak_ewma balancer)
+        self.typical = 0.0  # its calls' usual time from the send, an EWMA of its successes
         # joined while the client ran: its weight ramps up over slow_start seconds
         self._warm_until = now + settings.slow_start if warming else float("-inf")
         self.name = str(instance)
@@ -408,7 +411,7 @@ class InstancePool:
                     raise PoolClosedError(f"pool of {self.name} is {self.state}")
                 self._discard(connection)
             if self._shared:
-                least = self._least_loaded()
+                least = self._least_loaded(now)
                 if least is not None:
                     return self, self._take(least)
             if self._held + self._checking + self._opening < self._settings.max_connections:
@@ -416,12 +419,13 @@ class InstancePool:
                 return self, self._opened(self._open(deadline))
         return self._wait(deadline)
 
-    def _least_loaded(self) -> PooledConnection | None:
-        """The shared connection with the fewest callers (broken ones leave the list)."""
+    def _least_loaded(self, now: float) -> PooledConnection | None:
+        """The shared connection with the fewest callers (broken or retired ones leave the
+        list: they close once their last caller leaves)."""
         shared = self._shared
         best: PooledConnection | None = None
         for connection in list(shared):
-            if connection.broken:
+            if connection.broken or now >= connection.expires_at:
                 shared.remove(connection)
             elif best is None or connection.holders < best.holders:
                 best = connection
@@ -444,8 +448,9 @@ class InstancePool:
         (from ``started``, default now: the caller's wait for the connection counts) feeds
         :attr:`latency`."""
         ejections = self.ejections
+        sent = self._clock()
         if started is None:
-            started = self._clock()
+            started = sent
         try:
             result = connection.call(method, args, kwargs, deadline)
         except TransportError as error:
@@ -456,6 +461,7 @@ class InstancePool:
             raise
         ended = connection.last_used  # stamped by the connection as the call ended
         self.latency.observe(ended - started, ended)
+        self.typical += (ended - sent - self.typical) * 0.1
         self._window_ok += 1
         if self.failures and ejections == self.ejections:
             self.record_success()  # (only a call begun after an ejection can end it)
@@ -587,7 +593,7 @@ class InstancePool:
         for connection in list(self._shared):
             if not room.count:
                 return
-            if not connection.broken:
+            if not connection.broken and now < connection.expires_at:
                 self._share_room(connection)
         while room.count:
             opening = self._opening
@@ -782,9 +788,11 @@ class InstancePool:
         if self.state is not ACTIVE:
             return  # retired or closed: it takes no more calls, and counts no ejection
         if isinstance(error, CallTimeoutError) and (
-            not error.sent or error.timeout < self._settings.count_timeouts_after
+            not error.sent
+            or error.timeout < self._settings.count_timeouts_after
+            or error.timeout < 2 * self.typical
         ):
-            return  # the caller's deadline, not the instance: nothing sent, or little time
+            return  # the caller's deadline, not the instance: nothing sent, or too little time
         self.failures += 1
         self._timeouts = self._timeouts + 1 if isinstance(error, CallTimeoutError) else 0
         self._refused = isinstance(error, ConnectError)
