@@ -30,6 +30,7 @@ from geventpool.errors import (
     RegistryError,
     RetriesExhaustedError,
     RetryBudgetExhaustedError,
+    TlsError,
     TransportError,
     ZooKeeperUnavailableError,
 )
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from geventpool.discovery.zk import ZooKeeperConfig, connect
     from geventpool.secret import Secret
     from geventpool.server.thrift_server import Registration, ThriftServer
+    from geventpool.tls import ClientTls, ServerTls
 
 # Each name is imported from its module on first use, so that a client does not load the
 # server (gevent.server, the registrar) or the alerting, and a server does not load the client.
@@ -84,6 +86,8 @@ _LAZY = {
     "Secret": "geventpool.secret",
     "Registration": "geventpool.server.thrift_server",
     "ThriftServer": "geventpool.server.thrift_server",
+    "ClientTls": "geventpool.tls",
+    "ServerTls": "geventpool.tls",
 }
 
 
@@ -107,6 +111,7 @@ __all__ = [
     "Alerter",
     "CallTimeoutError",
     "CallableChannel",
+    "ClientTls",
     "Config",
     "ConfigurationError",
     "ConnectError",
@@ -139,11 +144,13 @@ __all__ = [
     "RetryBudget",
     "RetryBudgetExhaustedError",
     "Secret",
+    "ServerTls",
     "ServiceClient",
     "ServiceStatus",
     "SmsChannel",
     "SmtpChannel",
     "ThriftServer",
+    "TlsError",
     "TransportError",
     "WebhookChannel",
     "ZooKeeperConfig",

@@ -33,6 +33,7 @@ from geventpool.client.retrying import Retry, RetryBudget
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig
 from geventpool.errors import ConfigurationError
 from geventpool.secret import Secret
+from geventpool.tls import ClientTls
 from geventpool.wire.limits import WireLimits
 
 _REQUIRED = object()
@@ -75,6 +76,11 @@ class _Table:
         if kinds[0] is float:
             return float(cast(float, value))
         return value
+
+    def file(self, key: str) -> str | None:
+        """The optional path ``key``, relative to the configuration file's folder."""
+        path = self.get(key, str, None)
+        return None if path is None else str((self._base / path).resolve())
 
     def strings(self, key: str, default: Any = _REQUIRED) -> list[str]:
         values = self.get(key, list, default)
@@ -266,7 +272,8 @@ def _service(name: str, table: _Table) -> ServiceConfig:
     limits_table = pool_table.table("limits", None)
     limits = WireLimits(**_settings(limits_table, WireLimits))
     limits_table.done()
-    pool = PoolSettings(**_settings(pool_table, PoolSettings), limits=limits)
+    tls = _client_tls(table.table("tls")) if table.has("tls") else None
+    pool = PoolSettings(**_settings(pool_table, PoolSettings), limits=limits, tls=tls)
     pool_table.done()
     retry = _retry(table)
     budget_table = table.table("retry_budget", None)
@@ -291,6 +298,23 @@ def _service(name: str, table: _Table) -> ServiceConfig:
     )
     table.done()
     return service
+
+
+def _client_tls(table: _Table) -> ClientTls:
+    """``[services.NAME.tls]`` or ``[zookeeper.tls]``: :class:`ClientTls`'s settings, files
+    relative to the configuration's folder, the key's password a secret."""
+    tls = ClientTls(
+        ca_file=table.file("ca_file"),
+        cert_file=table.file("cert_file"),
+        key_file=table.file("key_file"),
+        key_password=table.secret("key_password", required=False),
+        verify=table.get("verify", bool, True),
+        check_hostname=table.get("check_hostname", bool, True),
+        server_name=table.get("server_name", str, None),
+        plaintext=table.get("plaintext", bool, False),
+    )
+    table.done()
+    return tls
 
 
 def _budget(settings: Mapping[str, float]) -> RetryBudget:

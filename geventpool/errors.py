@@ -160,6 +160,18 @@ class ConnectError(TransportError):
         super().__init__(instance, reason)
 
 
+class TlsError(ConnectError):
+    """A TLS handshake failed: nothing was sent (another instance may be tried). ``reason``
+    says why; ``peer_at_fault`` is False when the peer refused our own certificate (a fault of
+    this side's credential, which every instance would refuse alike: it does not count
+    towards ejection), True otherwise (its certificate did not verify, it speaks no TLS, it
+    did not finish the handshake in time)."""
+
+    def __init__(self, peer: str, reason: str, *, peer_at_fault: bool = True) -> None:
+        self.peer_at_fault = peer_at_fault
+        super().__init__(peer, f"TLS handshake failed: {reason}")
+
+
 class CallTimeoutError(TransportError):
     """The call's deadline passed. ``timeout`` in seconds; ``sent`` tells whether the request
     may have been sent (False: the deadline was gone before, e.g. spent waiting for a

@@ -21,8 +21,9 @@ from typing import Any
 
 import gevent.ssl
 
-from geventpool.errors import ConfigurationError, TransportError
+from geventpool.errors import ConfigurationError, TlsError
 from geventpool.secret import Secret
+from geventpool.validation import check_seconds
 
 # Alerts a peer sends when it refuses OUR certificate (OpenSSL's reason codes): a fault of our
 # credential, not of the instance, which any instance would refuse alike.
@@ -40,15 +41,15 @@ _REFUSED_OUR_CERTIFICATE = frozenset(
 )
 
 
-class TlsError(TransportError):
-    """A TLS handshake failed: nothing was sent. ``reason`` says why; ``peer_at_fault`` is
-    False when the peer refused our own certificate (a fault of this side's credential, which
-    must not eject the instance), True otherwise (its certificate did not verify, it speaks no
-    TLS, it did not finish the handshake in time)."""
-
-    def __init__(self, peer: str, reason: str, *, peer_at_fault: bool = True) -> None:
-        self.peer_at_fault = peer_at_fault
-        super().__init__(peer, f"TLS handshake failed: {reason}")
+def refused_our_certificate(peer: str, error: BaseException) -> TlsError | None:
+    """``error`` (seen on a connection after its handshake) as the :class:`TlsError` it is
+    when the peer refused our certificate, else None. With TLS 1.3 a server checks the
+    client's certificate after the client's handshake has ended, so its refusal arrives at
+    the first read; it also means the server read no request (nothing ran)."""
+    if isinstance(error, ssl.SSLError) and error.reason in _REFUSED_OUR_CERTIFICATE:
+        reason = f"the peer refused this side's certificate ({error.reason})"
+        return TlsError(peer, reason, peer_at_fault=False)
+    return None
 
 
 def cooperative_context(
@@ -144,7 +145,9 @@ class ServerTls:
     """How a server speaks TLS: its certificate chain ``cert_file`` and ``key_file`` (and
     ``key_password``); ``ca_file`` the certificates that may sign a client's certificate;
     ``require_client_cert`` (default: True when ``ca_file`` is given) makes every client
-    present one that verifies (mutual TLS). ``context`` replaces all of it."""
+    present one that verifies (mutual TLS). ``context`` replaces all of it.
+    ``handshake_timeout`` bounds each connection's handshake (a client that connects and
+    says nothing holds its slot no longer)."""
 
     cert_file: str | None = None
     key_file: str | None = None
@@ -152,9 +155,11 @@ class ServerTls:
     ca_file: str | None = None
     require_client_cert: bool | None = None
     context: ssl.SSLContext | None = field(default=None, compare=False)
+    handshake_timeout: float = 10.0
     _built: ssl.SSLContext = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        check_seconds("handshake_timeout", self.handshake_timeout)
         object.__setattr__(self, "_built", self.context or self._build())
 
     def _build(self) -> ssl.SSLContext:

@@ -39,12 +39,18 @@ def curator(address: str, port: int | None, ssl_port: int | None = None) -> byte
     ).encode()
 
 
-def finagle(host: str, port: int, status: str = "ALIVE", shard: int = 0) -> bytes:
+def finagle(
+    host: str,
+    port: int,
+    status: str = "ALIVE",
+    shard: int = 0,
+    additional: dict[str, Any] | None = None,
+) -> bytes:
     """A payload as a Finagle / Twitter ServerSet member writes it."""
     return json.dumps(
         {
             "serviceEndpoint": {"host": host, "port": port},
-            "additionalEndpoints": {},
+            "additionalEndpoints": additional or {},
             "status": status,
             "shard": shard,
         }

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from geventpool.alerts.channels import LogChannel, SmsChannel, SmtpChannel, WebhookChannel
 from geventpool.config import load_config, parse_config
@@ -171,3 +172,28 @@ def test_pipelining_settings_are_read_from_the_pool_table() -> None:
         parse_config({"services": {"calc": {"pool": {"max_inflight": "8"}}}}, {}, Path("."))
     with pytest.raises(ConfigurationError, match="max_inflight must be None or an integer >= 1"):
         parse_config({"services": {"calc": {"pool": {"max_inflight": 0}}}}, {}, Path("."))
+
+
+def test_tls_is_read_from_the_service_tls_table_with_files_relative_to_it(tmp_path: Path) -> None:
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "geventpool.toml").write_text(
+        '[services.calc.tls]\nca_file = "ca.pem"\nserver_name = "calc.internal"\n'
+    )
+    tls = load_config(tmp_path / "geventpool.toml", {}).services["calc"].pool.tls
+    assert tls is not None
+    assert (tls.ca_file, tls.server_name, tls.plaintext) == (
+        str(tmp_path / "ca.pem"),
+        "calc.internal",
+        False,
+    )
+    assert tls.hostname_for("10.0.0.7") == "calc.internal"
+    assert parse_config({"services": {"calc": {}}}, {}, Path(".")).services["calc"].pool.tls is None
+    for table, message in [
+        ({"ca_file": "missing.pem"}, "is not a readable file"),
+        ({"ca_fille": "ca.pem"}, "unknown key services.calc.tls.ca_fille"),
+        ({"key_password": "hunter22"}, "secrets are not written in the file"),
+        ({"verify": "no"}, "services.calc.tls.verify must be bool"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            parse_config({"services": {"calc": {"tls": table}}}, {}, tmp_path)

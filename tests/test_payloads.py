@@ -42,10 +42,37 @@ def test_curator_payload_is_read_as_an_instance() -> None:
     assert instance.metadata["curator.name"] == "calc"
 
 
-def test_curator_ssl_only_payload_uses_the_ssl_port() -> None:
+def test_curator_ssl_only_payload_is_a_tls_only_instance_on_the_ssl_port() -> None:
     instance = decode_instance(curator("10.0.0.5", None, ssl_port=8443))
-    assert instance.port == 8443
-    assert instance.metadata["tls"] == "true"
+    assert (instance.port, instance.tls, instance.tls_port) == (8443, True, None)
+
+
+def test_curator_payload_with_both_ports_offers_tls_on_the_ssl_port() -> None:
+    instance = decode_instance(curator("10.0.0.5", 8005, ssl_port=8443))
+    assert (instance.port, instance.tls, instance.tls_port) == (8005, False, 8443)
+
+
+def test_finagle_tls_endpoint_is_the_instances_tls_port() -> None:
+    tls = {"tls": {"host": "10.0.0.3", "port": 9443}, "admin": {"host": "10.0.0.3", "port": 1}}
+    instance = decode_instance(finagle("10.0.0.3", 9090, additional=tls))
+    assert (instance.port, instance.tls, instance.tls_port) == (9090, False, 9443)
+    elsewhere = {"tls": {"host": "10.0.0.4", "port": 9443}}
+    with pytest.raises(InvalidInstanceError, match="another host"):
+        decode_instance(finagle("10.0.0.3", 9090, additional=elsewhere))
+
+
+def test_native_tls_fields_are_written_only_when_set_and_read_back() -> None:
+    plain = Instance(host="10.0.0.5", port=9090)
+    assert b"tls" not in encode_instance(plain)  # a plaintext payload is as it always was
+    for instance in (
+        Instance(host="10.0.0.5", port=9443, tls=True),
+        Instance(host="10.0.0.5", port=9090, tls_port=9443),
+    ):
+        assert decode_instance(encode_instance(instance)) == instance
+    with pytest.raises(InvalidInstanceError, match="plaintext"):
+        Instance(host="10.0.0.5", port=9443, tls=True, tls_port=9444)
+    with pytest.raises(InvalidInstanceError, match="tls must be"):
+        decode_instance(native(port=9443).replace(b'"port"', b'"tls":"yes","port"'))
 
 
 def test_finagle_serverset_member_is_read_as_an_instance() -> None:

@@ -37,12 +37,14 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import gevent
 import gevent.socket
+import gevent.ssl
 from gevent import monkey
 
 from geventpool.client.pipeline import PipelinedConnection
@@ -56,8 +58,10 @@ from geventpool.errors import (
     InvalidArgumentsError,
     MalformedMessageError,
     ProtocolViolationError,
+    TlsError,
     TransportError,
 )
+from geventpool.tls import ClientTls, handshake, refused_our_certificate
 from geventpool.wire.arguments import MethodSpec, method_spec
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 from geventpool.wire.messages import (
@@ -113,6 +117,7 @@ class Connection:
         "_expect_reply",
         "_min_time_left",
         "_more",
+        "_pending",
         "_poller",
         "_seqid",
         "_service",
@@ -146,6 +151,8 @@ class Connection:
         self._codec = MessageCodec(instance.transport, instance.protocol, limits)
         self._buffer = bytearray()  # bytes received and not yet taken by a reply
         self._more = receiver(sock, self._buffer)
+        # on TLS, decrypted bytes may wait in the socket, not in the buffer
+        self._pending = sock.pending if isinstance(sock, gevent.ssl.SSLSocket) else None
         self._expect_reply = self._expect
         self._waiting: tuple[MethodSpec, int] | None = None
         self._seqid = 0
@@ -193,6 +200,9 @@ class Connection:
             raise ProtocolViolationError(str(self.instance), method, error.reason) from None
         except (OSError, EOFError) as error:
             self.broken = True
+            refused = refused_our_certificate(str(self.instance), error)
+            if refused is not None:
+                raise refused from None
             raise TransportError(str(self.instance), f"{method}(): {error!r}") from error
         except BaseException:
             self.broken = True
@@ -216,7 +226,7 @@ class Connection:
             buffer, self._expect_reply, self._more, let_others_run
         )
         del buffer[:size]
-        if buffer:
+        if buffer or (self._pending is not None and self._pending()):
             self.broken = True  # bytes nobody asked for follow a reply: not for the next call
         return outcome(codec, spec, message_type, body, values)
 
@@ -233,10 +243,16 @@ class Connection:
         its peer neither closed it nor sent anything unasked (a zero-timeout poll)."""
         if self.broken or now >= self.expires_at or self._buffer:
             return False
+        if self._pending is not None and self._pending():
+            return False  # decrypted bytes nobody asked for
         try:
-            return not self._poller.poll(0)  # anything (data, end of file, error) means no
+            if not self._poller.poll(0):
+                return True
         except OSError:
             return False
+        # Anything (data, end of file, error) means no, but on TLS the bytes may be records
+        # that carry no data (TLS 1.3 session tickets, sent after the handshake).
+        return self._pending is not None and _only_tls_records(self._sock)
 
     def overdue(self, now: float) -> bool:
         """Never: its one call at a time is bounded by that call's own deadline."""
@@ -257,6 +273,78 @@ class Connection:
             self._sock.close()
 
 
+def _only_tls_records(sock: gevent.ssl.SSLSocket) -> bool:
+    """Whether what is waiting on TLS ``sock`` held no data: read at once, without waiting
+    (True: nothing but TLS's own records; False: data, end of file or an error)."""
+    sock.settimeout(0.0)
+    try:
+        sock.recv(1)  # data (unasked: the connection is unusable), or b"" at end of file
+    except ssl.SSLWantReadError:
+        return True  # the records were TLS's own; no data
+    except (OSError, ValueError):
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(None)
+    return False
+
+
+def _secure(
+    sock: Any, instance: Instance, port: int, tls: ClientTls, *, timeout: float, by_deadline: bool
+) -> Any:
+    """``sock`` after its TLS handshake with ``instance``, within the connect's ``timeout``
+    (``by_deadline``: what is left of the call's deadline, shorter than ``connect_timeout``);
+    a handshake the deadline cut short is ``deadline_spent``, as a connect would be."""
+    if timeout <= 0:
+        sock.close()
+        raise ConnectError(str(instance), "no time left for the TLS handshake", deadline_spent=True)
+    name = f"{instance.host}:{port}" if port != instance.port else str(instance)
+    try:
+        return handshake(
+            sock, tls.ssl_context(), name, timeout, server_hostname=tls.hostname_for(instance.host)
+        )
+    except TlsError as error:
+        if by_deadline and "no handshake within" in error.reason:
+            raise ConnectError(
+                str(instance), f"the call's deadline ended the {error.reason}", deadline_spent=True
+            ) from None
+        raise
+
+
+_DEFAULT_TLS: list[ClientTls] = []
+
+
+def _default_tls() -> ClientTls:
+    """TLS with the system's CAs, for a TLS-only instance of a client with no ``tls`` (made
+    at the first use: loading the system's CAs takes milliseconds)."""
+    if not _DEFAULT_TLS:
+        _DEFAULT_TLS.append(ClientTls())
+    return _DEFAULT_TLS[0]
+
+
+def tls_endpoint(instance: Instance, tls: ClientTls | None) -> tuple[int, ClientTls | None]:
+    """The port to connect to for ``instance`` and the TLS to speak there (None:
+    plaintext): a TLS-only instance always gets TLS (``tls``, or the system's CAs); with
+    ``tls``, an instance that offers a TLS port gets it; a plaintext instance only where
+    ``tls`` is None or allows ``plaintext`` (else :class:`ConnectError`; the client's pools
+    leave such instances out before it comes to that)."""
+    if instance.tls:
+        return instance.port, tls or _default_tls()
+    if tls is None:
+        return instance.port, None
+    if instance.tls_port is not None:
+        return instance.tls_port, tls
+    if tls.plaintext:
+        return instance.port, None
+    raise ConnectError(str(instance), PLAINTEXT_REFUSED)
+
+
+PLAINTEXT_REFUSED = (
+    "the registry lists no TLS for it, and the client's tls refuses plaintext"
+    " (ClientTls(plaintext=True) allows it)"
+)
+
+
 def open_connection(
     instance: Instance,
     service: Any,
@@ -269,19 +357,23 @@ def open_connection(
     max_inflight: int = 1,
     stuck_after: float = 5.0,
     min_time_left: float = 0.0,
+    tls: ClientTls | None = None,
 ) -> PooledConnection:
     """Connect to ``instance`` within ``connect_timeout`` seconds (and before ``deadline``),
-    speaking its registered transport and protocol: a :class:`Connection`, or with
-    ``max_inflight`` above 1 a
-    :class:`~geventpool.client.pipeline.PipelinedConnection`. Raises :class:`ConnectError`."""
-    left = deadline - clock()
+    the TLS handshake included (see :func:`tls_endpoint` for when TLS is spoken), speaking its
+    registered transport and protocol: a :class:`Connection`, or with ``max_inflight`` above
+    1 a :class:`~geventpool.client.pipeline.PipelinedConnection`. Raises
+    :class:`ConnectError` (:class:`~geventpool.errors.TlsError` for a failed handshake)."""
+    began = clock()
+    left = deadline - began
     timeout = min(connect_timeout, left)
     if timeout <= 0:
         raise ConnectError(
             str(instance), "no time left before the deadline to connect", deadline_spent=True
         )
+    port, speak_tls = tls_endpoint(instance, tls)
     try:
-        sock = gevent.socket.create_connection(instance.address, timeout=timeout)
+        sock = gevent.socket.create_connection((instance.host, port), timeout=timeout)
     except OSError as error:
         if isinstance(error, TimeoutError) and left < connect_timeout:
             raise ConnectError(
@@ -291,6 +383,15 @@ def open_connection(
             ) from None
         raise ConnectError(str(instance), f"connect failed: {error!r}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if speak_tls is not None:
+        sock = _secure(
+            sock,
+            instance,
+            port,
+            speak_tls,
+            timeout=timeout - (clock() - began),
+            by_deadline=left < connect_timeout,
+        )
     sock.settimeout(None)  # every call is bounded by its own deadline instead
     expires_at = clock() + lifetime
     if max_inflight > 1:

@@ -57,6 +57,7 @@ from geventpool.errors import (
     ProtocolViolationError,
     TransportError,
 )
+from geventpool.tls import refused_our_certificate
 from geventpool.wire.arguments import MethodSpec, method_spec
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 from geventpool.wire.messages import CALL, ONEWAY, MessageCodec, let_others_run, receiver
@@ -325,6 +326,9 @@ class PipelinedConnection:
 
     def _failure(self, call: _Call, error: BaseException) -> GeventPoolErrorType:
         method = call.spec.name
+        refused = refused_our_certificate(self._name, error)
+        if refused is not None:
+            return refused
         if not call.written:
             return ConnectionClosedError(self._name, method, f"the connection broke: {error!r}")
         if isinstance(error, MalformedMessageError):

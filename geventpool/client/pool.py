@@ -57,6 +57,7 @@ from geventpool.errors import (
     PoolExhaustedError,
     TransportError,
 )
+from geventpool.tls import ClientTls
 from geventpool.validation import check_seconds
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 
@@ -176,7 +177,9 @@ class PoolSettings:
     while the client runs ramps from a tenth of its weight to all of it (0: at once);
     ``reap_interval`` is
     the reaper's period; ``limits`` bound every reply (see
-    :class:`~geventpool.wire.limits.WireLimits`).
+    :class:`~geventpool.wire.limits.WireLimits`); ``tls`` how to speak TLS to instances (see
+    :class:`~geventpool.tls.ClientTls`; None: TLS only to instances the registry lists as
+    TLS-only, verified against the system's CAs).
     """
 
     max_connections: int = 10
@@ -202,6 +205,7 @@ class PoolSettings:
     slow_start: float = 10.0
     reap_interval: float = 1.0
     limits: WireLimits = DEFAULT_LIMITS
+    tls: ClientTls | None = None
 
     def inflight_for(self, instance: Instance) -> int:
         """The ``max_inflight`` that applies to ``instance``."""
@@ -212,6 +216,8 @@ class PoolSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.limits, WireLimits):
             raise ConfigurationError(f"limits must be a WireLimits, not {self.limits!r}")
+        if self.tls is not None and not isinstance(self.tls, ClientTls):
+            raise ConfigurationError(f"tls must be a ClientTls, not {self.tls!r}")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {self.max_connections!r}")
         if self.max_inflight is not None and (
@@ -456,7 +462,9 @@ class InstancePool:
         except TransportError as error:
             ended = self._clock()
             self.latency.observe(ended - started, ended)
-            if ejections == self.ejections:  # a call begun before an ejection is not news
+            # a call begun before an ejection is not news; a refusal of our certificate
+            # (TlsError) is our fault, not the instance's
+            if ejections == self.ejections and getattr(error, "peer_at_fault", True):
                 self.record_failure(error)
             raise
         ended = connection.last_used  # stamped by the connection as the call ended
@@ -619,11 +627,16 @@ class InstancePool:
                 max_inflight=self._max_inflight,
                 stuck_after=settings.stuck_after,
                 min_time_left=settings.min_time_left,
+                tls=settings.tls,
             )
         except BaseException as error:
             self._opening -= 1
             self._grant_slot()
-            if isinstance(error, ConnectError) and not error.deadline_spent:
+            if (
+                isinstance(error, ConnectError)
+                and not error.deadline_spent
+                and getattr(error, "peer_at_fault", True)  # TlsError: our certificate refused
+            ):
                 self.record_failure(error)
             raise
         self._opening -= 1

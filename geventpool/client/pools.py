@@ -3,9 +3,11 @@
 :class:`ServicePools` promises:
 
 * **Membership drives the pools.** :meth:`ServicePools.apply` (fed by the membership's
-  changes) gives a joining instance a pool at once, with ``min_idle`` connections opened in
-  the background; a leaving instance's pool retires (no new checkout, idle connections close
-  now, busy ones at check-in); an updated instance gets a fresh pool.
+  changes) gives a joining instance a pool at once (unless the client's ``tls`` refuses
+  plaintext and the instance offers no TLS: then it is left out, ``instance_rejected``),
+  with ``min_idle`` connections opened in the background; a leaving instance's pool
+  retires (no new checkout, idle connections close now, busy ones at check-in); an updated
+  instance gets a fresh pool.
 * **Upkeep in the background.** One reaper greenlet closes idle connections that are dead,
   stale or past their lifetime and tops every pool up to ``min_idle``, every
   ``reap_interval`` seconds; an error in one pool never stops it.
@@ -21,6 +23,8 @@ from typing import Any
 
 import gevent
 
+from geventpool import events
+from geventpool.client.connection import PLAINTEXT_REFUSED
 from geventpool.client.pool import (
     CLOSED,
     RETIRED,
@@ -82,7 +86,17 @@ class ServicePools(Mapping[str, InstancePool]):
             if pool is not None:
                 pool.shut(RETIRED)
         fresh = []
+        tls = self._settings.tls
         for instance in joined:
+            if tls is not None and not (tls.plaintext or instance.tls or instance.tls_port):
+                events.emit(
+                    events.INSTANCE_REJECTED,
+                    "warning",
+                    service=self._service_name,
+                    path=instance.id or str(instance),
+                    reason=PLAINTEXT_REFUSED,
+                )
+                continue
             existing = self._by_id.get(instance.id or str(instance))
             if existing is not None:
                 if existing.instance == instance:

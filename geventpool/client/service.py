@@ -38,6 +38,7 @@ a connection for each call, failing over and reporting exhaustion
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ from geventpool.errors import (
     RetryBudgetExhaustedError,
     TransportError,
 )
+from geventpool.tls import ClientTls
 from geventpool.validation import check_seconds
 
 
@@ -114,7 +116,10 @@ class ServiceClient:
     its shorthand) and ``retry_budget`` a
     :class:`~geventpool.client.retrying.RetryBudget`; ``hedge`` a
     :class:`~geventpool.client.hedging.Hedge` (backup requests for slow idempotent calls,
-    off by default); ``empty_protection`` is passed to the :class:`Membership`.
+    off by default); ``tls`` a :class:`~geventpool.tls.ClientTls` (TLS to every instance, the
+    registry's TLS ports used; plaintext instances left out unless it allows ``plaintext``;
+    without it, TLS only to instances the registry lists as TLS-only, with the system's CAs),
+    the same as ``pool``'s ``tls``; ``empty_protection`` is passed to the :class:`Membership`.
 
     IDL methods whose names clash with this class's own (``start``, ``stop``, ``call``,
     ``status``, ``connection``) are called with ``client.call("stop", ...)``.
@@ -138,6 +143,7 @@ class ServiceClient:
         retry: Retry | None = None,
         retry_budget: RetryBudget | None = None,
         hedge: Hedge | None = None,
+        tls: ClientTls | None = None,
         empty_protection: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -164,6 +170,10 @@ class ServiceClient:
         self._root = root
         self._path = path
         self._settings = pool or PoolSettings()
+        if tls is not None:
+            if self._settings.tls not in (None, tls):
+                raise ConfigurationError("give tls= or pool=PoolSettings(tls=...), not both")
+            self._settings = dataclasses.replace(self._settings, tls=tls)
         self._balancer_name = balancer
         self._call_timeout = float(call_timeout)
         self._retry = retry

@@ -136,8 +136,11 @@ class Instance:
     relative share; ``zone`` an optional locality label; ``transport`` (``buffered`` or
     ``framed``) and ``protocol`` (``binary`` or ``compact``) must match the server's;
     ``version`` is the server's own version string; ``registered_at`` the registration time in
-    Unix seconds; ``metadata`` free-form string pairs. ``id`` is the znode name the instance was
-    read from (empty before registration) and ``source`` the payload format it was read from.
+    Unix seconds; ``metadata`` free-form string pairs. ``tls`` True says that ``port`` speaks
+    only TLS (clients never call it in plaintext); ``tls_port`` is a second port that speaks
+    TLS, for an instance whose ``port`` is plaintext (Curator's ``port`` and ``sslPort``).
+    ``id`` is the znode name the instance was read from (empty before registration) and
+    ``source`` the payload format it was read from.
     """
 
     host: str
@@ -151,6 +154,8 @@ class Instance:
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY, hash=False)
     id: str = ""
     source: str = "native"
+    tls: bool = False
+    tls_port: int | None = None
 
     def __post_init__(self) -> None:
         check_host(self.host)
@@ -191,6 +196,12 @@ class Instance:
             raise InvalidInstanceError(f"source must be one of {sorted(SOURCES)}")
         if not isinstance(self.id, str):
             raise InvalidInstanceError(f"id must be a string, not {self.id!r}")
+        if not isinstance(self.tls, bool):
+            raise InvalidInstanceError(f"tls must be true or false, not {self.tls!r:.40}")
+        if self.tls_port is not None:
+            check_port(self.tls_port)
+            if self.tls:
+                raise InvalidInstanceError("tls_port is for an instance whose port is plaintext")
 
     @property
     def address(self) -> tuple[str, int]:

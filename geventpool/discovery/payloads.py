@@ -4,11 +4,14 @@ Three formats are understood (``docs/registry.md`` documents them with examples)
 
 * **native** (written by :class:`~geventpool.discovery.registrar.Registrar`): a JSON object with
   ``"schema_version": 1``, ``host``, ``port``, ``weight``, ``zone``, ``transport``,
-  ``protocol``, ``version``, ``registered_at`` (Unix seconds) and ``metadata``.
-* **Curator** service discovery (``ServiceInstance`` JSON): ``address``, ``port`` or
+  ``protocol``, ``version``, ``registered_at`` (Unix seconds) and ``metadata``; ``tls``
+  and ``tls_port`` only when set (a reader that does not know them refuses the payload,
+  rather than call a TLS-only instance in plaintext).
+* **Curator** service discovery (``ServiceInstance`` JSON): ``address``, ``port`` and/or
   ``sslPort``, ``registrationTimeUTC`` (milliseconds), ``payload``.
 * **Finagle / Twitter ServerSet**: ``serviceEndpoint`` ``{host, port}``, ``status``
-  (only ``ALIVE`` is routable), ``shard``, ``additionalEndpoints``.
+  (only ``ALIVE`` is routable), ``shard``, ``additionalEndpoints`` (the one named
+  :data:`FINAGLE_TLS_ENDPOINT` is the instance's TLS port).
 
 :func:`decode_instance` is strict: the bytes must be at most ``max_size`` long, UTF-8, one JSON
 object without duplicate keys or NaN/Infinity, of a known format and version, with a routable
@@ -41,8 +44,12 @@ _NATIVE_KEYS = frozenset(
         "version",
         "registered_at",
         "metadata",
+        "tls",
+        "tls_port",
     }
 )
+FINAGLE_TLS_ENDPOINT = "tls"
+"""The name of the ServerSet ``additionalEndpoints`` entry that serves TLS (same host)."""
 
 
 def encode_instance(instance: Instance) -> bytes:
@@ -59,6 +66,10 @@ def encode_instance(instance: Instance) -> bytes:
         "registered_at": instance.registered_at,
         "metadata": dict(instance.metadata),
     }
+    if instance.tls:
+        document["tls"] = True
+    if instance.tls_port is not None:
+        document["tls_port"] = instance.tls_port
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -137,15 +148,18 @@ def _native(document: Mapping[str, Any], node: str) -> Instance:
         metadata=document.get("metadata") or {},
         id=node,
         source="native",
+        tls=document.get("tls", False),
+        tls_port=document.get("tls_port"),
     )
 
 
 def _curator(document: Mapping[str, Any], node: str) -> Instance:
     port: Any = document.get("port")  # checked by Instance
+    ssl_port: Any = document.get("sslPort")
     metadata: dict[str, str] = {}
-    if port is None and document.get("sslPort") is not None:
-        port = document["sslPort"]
-        metadata["tls"] = "true"
+    tls = False
+    if port is None and ssl_port is not None:
+        port, ssl_port, tls = ssl_port, None, True  # TLS only
     for key in ("name", "id", "serviceType"):
         value = document.get(key)
         if isinstance(value, str) and value:
@@ -161,6 +175,8 @@ def _curator(document: Mapping[str, Any], node: str) -> Instance:
         metadata=metadata,
         id=node,
         source="curator",
+        tls=tls,
+        tls_port=ssl_port,
     )
 
 
@@ -181,4 +197,25 @@ def _finagle(document: Mapping[str, Any], node: str) -> Instance:
         metadata=metadata,
         id=node,
         source="finagle",
+        tls_port=_finagle_tls_port(document.get("additionalEndpoints"), endpoint["host"]),
     )
+
+
+def _finagle_tls_port(endpoints: Any, host: Any) -> Any:
+    """The port of the additional endpoint named :data:`FINAGLE_TLS_ENDPOINT` (None without
+    one); it must be on the service endpoint's host."""
+    if endpoints is None:
+        return None
+    if not isinstance(endpoints, dict):
+        raise InvalidInstanceError("additionalEndpoints must be an object")
+    tls = endpoints.get(FINAGLE_TLS_ENDPOINT)
+    if tls is None:
+        return None
+    if not isinstance(tls, dict) or "port" not in tls:
+        raise InvalidInstanceError(f"additionalEndpoints.{FINAGLE_TLS_ENDPOINT} needs a port")
+    if tls.get("host", host) != host:
+        raise InvalidInstanceError(
+            f"additionalEndpoints.{FINAGLE_TLS_ENDPOINT} is on another host than the service"
+            " endpoint"
+        )
+    return tls["port"]

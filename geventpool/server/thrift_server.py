@@ -47,6 +47,7 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.socket
 from gevent.server import StreamServer
 from kazoo.client import KazooClient
 from thriftpy2.thrift import TApplicationException
@@ -55,7 +56,8 @@ from geventpool import events
 from geventpool.discovery.instance import OUT_OF_ORDER, PIPELINING, Instance
 from geventpool.discovery.registrar import Registrar
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_use
-from geventpool.errors import ConfigurationError, MalformedMessageError
+from geventpool.errors import ConfigurationError, MalformedMessageError, TlsError
+from geventpool.tls import ServerTls, handshake
 from geventpool.validation import check_seconds
 from geventpool.wire.arguments import method_spec
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
@@ -129,9 +131,10 @@ class _Connection:
         return self.calls > 0
 
     def stop_reading(self) -> None:
-        """Make a pending or next read see end-of-file; replies can still be written."""
+        """Make a pending or next read see end-of-file; replies can still be written (on
+        TLS too: the socket's own shutdown, not the TLS one, which would end writing)."""
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RD)
+            gevent.socket.socket.shutdown(self.sock, socket.SHUT_RD)
 
 
 class _Replies:
@@ -300,6 +303,9 @@ class ThriftServer:
     is how many calls of one connection run at once, each replied to as soon as it is done
     (1: one after another, in order); above 1 the registration says so (metadata
     ``pipelining: out-of-order``), and geventpool's clients then pipeline their calls.
+    ``tls`` (a :class:`~geventpool.tls.ServerTls`) serves TLS only, mutual with a
+    ``ca_file``; the registration then says so (clients never call it in plaintext), and a
+    failed handshake is a ``server_connection_error`` event.
     """
 
     def __init__(
@@ -319,11 +325,15 @@ class ThriftServer:
         limits: WireLimits = DEFAULT_LIMITS,
         request_timeout: float = 60.0,
         concurrency: int = 32,
+        tls: ServerTls | None = None,
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigurationError(f"concurrency must be >= 1, not {concurrency!r}")
+        if tls is not None and not isinstance(tls, ServerTls):
+            raise ConfigurationError(f"tls must be a ServerTls, not {tls!r}")
+        self._tls = tls
         check_seconds("idle_timeout", idle_timeout, optional=True)
         check_seconds("drain_timeout", drain_timeout, zero=True)
         check_seconds("request_timeout", request_timeout)
@@ -404,6 +414,7 @@ class ThriftServer:
             protocol=self._protocol,
             version=registration.version,
             metadata=self._advertised(registration.metadata),
+            tls=self._tls is not None,
         )
         self._registrar = Registrar(client, registration.service, instance, root=registration.root)
         self._registrar.start(timeout=registration.start_timeout)
@@ -477,8 +488,26 @@ class ThriftServer:
                 max_connections=self._pool.size,
             )
         try:
+            if self._tls is not None:
+                tls = self._tls
+                sock = handshake(
+                    sock,
+                    tls.ssl_context(),
+                    f"{address[0]}:{address[1]}",
+                    tls.handshake_timeout,
+                    server_side=True,
+                )
+                connection.sock = sock
             sock.settimeout(self._idle_timeout)
             self._serve(sock, connection)
+        except TlsError as error:
+            events.emit(
+                events.SERVER_CONNECTION_ERROR,
+                "warning",
+                port=self.port,
+                peer=f"{address[0]}:{address[1]}",
+                error=error.reason[:200],
+            )
         except (OSError, EOFError):
             pass  # the peer closed, the idle timeout or the drain: the ordinary ends
         except MalformedMessageError as error:

@@ -21,6 +21,7 @@ import structlog  # noqa: E402
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig  # noqa: E402
 from geventpool.server.thrift_server import Registration, ThriftServer  # noqa: E402
 from geventpool.testing.echo import EchoHandler, echo_thrift  # noqa: E402
+from geventpool.tls import ServerTls  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=32, help="calls of one connection at once (1: in order)"
     )
+    parser.add_argument("--tls-cert", help="serve TLS only, with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-ca", help="require client certificates signed by these (mutual TLS)")
     args = parser.parse_args(argv)
 
     structlog.configure(
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
             service=args.service,
             root=args.root,
         )
+    tls = None
+    if args.tls_cert:
+        tls = ServerTls(cert_file=args.tls_cert, key_file=args.tls_key, ca_file=args.tls_ca)
     handler = EchoHandler("", latency=args.latency)
     server = ThriftServer(
         echo_thrift.Echo,
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         protocol=args.protocol,
         registration=registration,
         concurrency=args.concurrency,
+        tls=tls,
     )
     server.start()
     handler.name = f"127.0.0.1:{server.port}"
