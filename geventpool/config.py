@@ -262,6 +262,8 @@ def _zookeeper(table: _Table) -> ZooKeeperConfig:
         connect_timeout=table.get("connect_timeout", float, 10.0),
         max_retry_delay=table.get("max_retry_delay", float, 2.0),
         auth=auth,
+        protect=table.get("protect", bool, True),
+        tls=_client_tls(table.table("tls")) if table.has("tls") else None,
     )
     table.done()
     return config

@@ -21,6 +21,7 @@ LOGGER_NAME = "geventpool"
 
 # ZooKeeper connection (one per client the library owns or watches)
 ZOOKEEPER_STATE_CHANGED = "zookeeper_state_changed"
+ZOOKEEPER_TLS_FAILED = "zookeeper_tls_failed"
 
 # Registrar (server side)
 INSTANCE_REGISTERED = "instance_registered"
@@ -28,6 +29,7 @@ INSTANCE_REREGISTERED = "instance_reregistered"
 INSTANCE_DEREGISTERED = "instance_deregistered"
 REGISTRATION_NODE_REPLACED = "registration_node_replaced"
 REGISTRATION_FAILED = "registration_failed"
+REGISTRY_UNPROTECTED = "registry_unprotected"
 
 # Membership (client side)
 MEMBERSHIP_LOADED = "membership_loaded"

@@ -197,3 +197,18 @@ def test_tls_is_read_from_the_service_tls_table_with_files_relative_to_it(tmp_pa
     ]:
         with pytest.raises(ConfigurationError, match=message):
             parse_config({"services": {"calc": {"tls": table}}}, {}, tmp_path)
+
+
+def test_zookeeper_security_is_read_from_the_zookeeper_table(tmp_path: Path) -> None:
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "zk-ca.pem"))
+    (tmp_path / "geventpool.toml").write_text(
+        '[zookeeper]\nhosts = "127.0.0.1:2281"\nauth_env = "ZK_AUTH"\n'
+        '[zookeeper.tls]\nca_file = "zk-ca.pem"\n'
+    )
+    config = load_config(tmp_path / "geventpool.toml", {"ZK_AUTH": "registrar:pw"}).zookeeper
+    assert config is not None and config.tls is not None
+    assert config.tls.ca_file == str(tmp_path / "zk-ca.pem")
+    assert [acl.id.scheme for acl in config.node_acl() or []] == ["digest", "world"]
+    unprotected = {"zookeeper": {"hosts": "h:1", "auth_env": "ZK_AUTH", "protect": False}}
+    assert parse_config(unprotected, {"ZK_AUTH": "u:p"}, tmp_path).zookeeper.node_acl() is None  # type: ignore[union-attr]

@@ -33,6 +33,7 @@ from kazoo.exceptions import (
     NoNodeError,
 )
 from kazoo.protocol.states import WatchedEvent
+from kazoo.security import Permissions
 
 from geventpool import events
 from geventpool.discovery.instance import Instance
@@ -126,6 +127,34 @@ class Registrar:
             instance=str(self._instance),
             path=self._path,
         )
+        self._check_protection()
+
+    def _check_protection(self) -> None:
+        """With protection asked for (the client creates nodes with an ACL), tell when the
+        service path was made before with one that lets anyone register or delete under it
+        (ZooKeeper's ACLs are per node, and an existing node keeps its own)."""
+        if not self._client.default_acl:
+            return
+        parent = self._path.rsplit("/", 1)[0]
+        try:
+            acls, _ = self._client.get_acls(parent)
+        except (KazooException, *CONNECTION_ERRORS):
+            return  # the next start tells
+        open_to = [
+            f"{acl.id.scheme}:{acl.id.id}"
+            for acl in acls
+            if acl.id.scheme == "world" and acl.perms & (Permissions.CREATE | Permissions.DELETE)
+        ]
+        if open_to:
+            events.emit(
+                events.REGISTRY_UNPROTECTED,
+                "warning",
+                service=self._service,
+                path=parent,
+                open_to=open_to,
+                advice="anyone may register or delete instances here: set its ACL"
+                " (zkCli setAcl) or create the path anew with protection",
+            )
 
     def stop(self) -> None:
         """Delete the node if this session owns it, and stop maintaining it. Idempotent.

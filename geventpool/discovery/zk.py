@@ -4,22 +4,33 @@ Nothing else in geventpool builds a :class:`~kazoo.client.KazooClient`. The clie
 use ``SequentialGeventHandler`` (watch callbacks run one at a time on one greenlet, so they
 must never block), retry with ``gevent.sleep``, and back off to at most ``max_retry_delay``
 seconds between reconnect attempts (kazoo's default is an hour).
+
+Security (docs/security.md): ``auth`` credentials are sent on every (re)connect; with a
+``digest`` credential the nodes this client creates are protected (every right for that
+identity, reading for anyone) unless ``protect`` is False or ``acl`` says otherwise; ``tls``
+speaks TLS to ZooKeeper through gevent's own TLS (kazoo's ``use_ssl`` uses the standard
+library's, which blocks the hub unless gevent's monkey-patching is applied), certificates and
+host names verified by default.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import gevent
+import gevent.socket
 from kazoo.client import KazooClient, KazooState
 from kazoo.handlers.gevent import SequentialGeventHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
+from kazoo.security import ACL, ANYONE_ID_UNSAFE, Permissions, make_digest_acl
 
 from geventpool import events
-from geventpool.errors import ConfigurationError, ZooKeeperUnavailableError
+from geventpool.errors import ConfigurationError, TlsError, ZooKeeperUnavailableError
+from geventpool.tls import ClientTls, handshake
 from geventpool.validation import check_seconds
 
 DEFAULT_ROOT = "/geventpool"
@@ -37,6 +48,15 @@ class ZooKeeperConfig:
     ``connect_timeout`` how long :func:`connect` waits for the first connection;
     ``max_retry_delay`` the longest pause between reconnect attempts; ``auth`` a tuple of
     ``(scheme, credential)`` pairs, e.g. ``(("digest", "user:secret"),)``.
+
+    ``protect`` (with a ``digest`` credential in ``auth``): every node this client creates
+    (a registration and the parents it makes) gets every right for that identity and only
+    reading for anyone else, so that only holders of the credential can register or delete
+    under the service path while any client can read (False: ZooKeeper's open ACL). ``acl``
+    replaces that: the kazoo :class:`~kazoo.security.ACL` list every created node gets.
+    ``tls`` (a :class:`~geventpool.tls.ClientTls`) speaks TLS to ZooKeeper (the hosts then
+    name its ``secureClientPort``); the host name in ``hosts`` is checked against the
+    server's certificate unless the ``ClientTls`` says otherwise.
     """
 
     hosts: str
@@ -44,12 +64,74 @@ class ZooKeeperConfig:
     connect_timeout: float = 10.0
     max_retry_delay: float = 2.0
     auth: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    protect: bool = True
+    acl: tuple[ACL, ...] | None = None
+    tls: ClientTls | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.hosts, str) or not self.hosts.strip():
             raise ConfigurationError("ZooKeeper hosts must be a non-empty connect string")
         for name in ("session_timeout", "connect_timeout", "max_retry_delay"):
             check_seconds(name, getattr(self, name))
+        for pair in self.auth:
+            if not (
+                isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
+            ):
+                raise ConfigurationError("ZooKeeper auth must be (scheme, credential) pairs")
+            if pair[0] == "digest" and ":" not in pair[1]:
+                raise ConfigurationError("a ZooKeeper digest credential is 'user:password'")
+        if self.acl is not None and not (
+            self.acl and all(isinstance(entry, ACL) for entry in self.acl)
+        ):
+            raise ConfigurationError("ZooKeeper acl must be a non-empty tuple of kazoo ACLs")
+        if self.tls is not None and not isinstance(self.tls, ClientTls):
+            raise ConfigurationError(f"ZooKeeper tls must be a ClientTls, not {self.tls!r}")
+
+    def node_acl(self) -> list[ACL] | None:
+        """The ACL of the nodes this client creates (None: ZooKeeper's open ACL)."""
+        if self.acl is not None:
+            return list(self.acl)
+        digests = [credential for scheme, credential in self.auth if scheme == "digest"]
+        if not (self.protect and digests):
+            return None
+        user, _, password = digests[0].partition(":")
+        return [make_digest_acl(user, password, all=True), ACL(Permissions.READ, ANYONE_ID_UNSAFE)]
+
+
+class TlsGeventHandler(SequentialGeventHandler):  # type: ignore[misc]  # kazoo is untyped
+    """kazoo's gevent handler whose connections speak TLS by gevent's own TLS, so that the
+    handshake and every read and write yield to the hub with or without monkey-patching. A
+    failed handshake is an ``OSError`` to kazoo (which retries, backing off) and a
+    ``zookeeper_tls_failed`` event that says why."""
+
+    def __init__(self, tls: ClientTls) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def create_connection(
+        self,
+        address: tuple[str, int],
+        hostname: str | None = None,
+        timeout: float | None = None,
+        **_kazoo_tls: Any,
+    ) -> Any:
+        """A TLS connection to ``address`` within ``timeout`` (the TCP connect and the
+        handshake together); kazoo's own TLS options are ignored: ``tls`` decides."""
+        timeout = 10.0 if timeout is None else timeout
+        sock = gevent.socket.create_connection(address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = f"{address[0]}:{address[1]}"
+        try:
+            return handshake(
+                sock,
+                self._tls.ssl_context(),
+                peer,
+                timeout,
+                server_hostname=self._tls.hostname_for(hostname or address[0]),
+            )
+        except TlsError as error:
+            events.emit(events.ZOOKEEPER_TLS_FAILED, "warning", peer=peer, reason=error.reason)
+            raise OSError(str(error)) from None
 
 
 def make_client(
@@ -61,7 +143,7 @@ def make_client(
     """
     if isinstance(config, str):
         config = ZooKeeperConfig(config)
-    handler = SequentialGeventHandler()
+    handler = SequentialGeventHandler() if config.tls is None else TlsGeventHandler(config.tls)
     retry = {
         "max_tries": -1,
         "delay": 0.1,
@@ -77,6 +159,7 @@ def make_client(
         connection_retry=KazooRetry(**retry),
         command_retry=KazooRetry(**{**retry, "max_tries": 3}),
         auth_data=list(config.auth) or None,
+        default_acl=config.node_acl(),
         client_id=client_id,
     )
 

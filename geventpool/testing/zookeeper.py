@@ -27,7 +27,11 @@ from pathlib import Path
 from geventpool.errors import GeventPoolError
 
 ZOOKEEPER_MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
-DEBIAN_JARS = ("/usr/share/java/zookeeper.jar", "/usr/share/java/slf4j-simple.jar")
+DEBIAN_JARS = (
+    "/usr/share/java/zookeeper.jar",
+    "/usr/share/java/slf4j-simple.jar",
+    "/usr/share/java/netty-codec.jar",  # the TLS port's Netty needs it; the manifest omits it
+)
 FOUR_LETTER_WORDS = "srvr,stat,cons,envi,ruok,mntr"
 
 
@@ -89,8 +93,37 @@ class Peer:
     election_port: int
 
 
+@dataclass(frozen=True)
+class ZooKeeperTls:
+    """What a server's ``secureClientPort`` needs (PEM files): ``key_store`` its private key
+    in PKCS#8 followed by its certificate chain (:func:`write_key_store` makes one);
+    ``trust_store`` the certificates that may sign a client's; ``client_auth`` ``need``
+    (every client presents a certificate: mutual TLS), ``want`` or ``none``."""
+
+    key_store: Path
+    trust_store: Path
+    client_auth: str = "need"
+
+
+def write_key_store(path: Path, private_key_pem: bytes, chain_pem: bytes) -> Path:
+    """Write a PEM key store for ZooKeeper at ``path``: the key re-encoded as PKCS#8 (Java
+    reads no other PEM key form), then the chain. Needs ``cryptography`` (a test extra)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - tests only
+
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    pkcs8 = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.write_bytes(pkcs8 + chain_pem)
+    return path
+
+
 class ZooKeeperServer:
-    """One ZooKeeper process; standalone unless ``peers`` lists the ensemble it belongs to."""
+    """One ZooKeeper process; standalone unless ``peers`` lists the ensemble it belongs to.
+    With ``tls`` it also serves TLS on ``secure_port`` (Netty), plaintext staying on
+    ``client_port`` (for the four-letter words that tell it is ready)."""
 
     def __init__(
         self,
@@ -102,9 +135,12 @@ class ZooKeeperServer:
         peers: Sequence[Peer] = (),
         java: str = "java",
         classpath: str | None = None,
+        tls: ZooKeeperTls | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.client_port = client_port or free_port()
+        self.tls = tls
+        self.secure_port = free_port() if tls is not None else None
         self.tick_time = tick_time
         self.server_id = server_id
         self.peers = tuple(peers)
@@ -117,6 +153,12 @@ class ZooKeeperServer:
     def hosts(self) -> str:
         """The connect string of this server alone."""
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def secure_hosts(self) -> str:
+        """The connect string of this server's TLS port (it must have ``tls``)."""
+        assert self.secure_port is not None, "started without tls"
+        return f"127.0.0.1:{self.secure_port}"
 
     @property
     def log_path(self) -> Path:
@@ -151,6 +193,18 @@ class ZooKeeperServer:
             f"4lw.commands.whitelist={FOUR_LETTER_WORDS}",
             "autopurge.purgeInterval=0",
         ]
+        if self.tls is not None:
+            lines += [
+                "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+                f"secureClientPort={self.secure_port}",
+                "secureClientPortAddress=127.0.0.1",
+                f"ssl.keyStore.location={self.tls.key_store}",
+                "ssl.keyStore.type=PEM",
+                f"ssl.trustStore.location={self.tls.trust_store}",
+                "ssl.trustStore.type=PEM",
+                f"ssl.clientAuth={self.tls.client_auth}",
+                "authProvider.x509=org.apache.zookeeper.server.auth.X509AuthenticationProvider",
+            ]
         if self.peers:
             assert self.server_id is not None, "an ensemble member needs a server_id"
             (data / "myid").write_text(f"{self.server_id}\n")
