@@ -262,6 +262,7 @@ def _zookeeper(table: _Table) -> ZooKeeperConfig:
         connect_timeout=table.get("connect_timeout", float, 10.0),
         max_retry_delay=table.get("max_retry_delay", float, 2.0),
         auth=auth,
+        sasl=_sasl(table.table("sasl")) if table.has("sasl") else None,
         protect=table.get("protect", bool, True),
         tls=_client_tls(table.table("tls")) if table.has("tls") else None,
     )
@@ -300,6 +301,19 @@ def _service(name: str, table: _Table) -> ServiceConfig:
     )
     table.done()
     return service
+
+
+def _sasl(table: _Table) -> dict[str, str]:
+    """``[zookeeper.sasl]``: kazoo's ``sasl_options``, the password a secret."""
+    options = {"mechanism": table.get("mechanism", str, "DIGEST-MD5")}
+    for key in ("username", "service", "principal"):
+        if table.has(key):
+            options[key] = table.get(key, str)
+    password = table.secret("password", required=False)
+    if password is not None:
+        options["password"] = password.reveal()
+    table.done()
+    return options
 
 
 def _client_tls(table: _Table) -> ClientTls:

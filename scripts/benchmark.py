@@ -738,6 +738,8 @@ def markdown(results: dict[str, Any]) -> str:
         " [failover.md](failover.md) (`scripts/failover_figures.py`).",
         "Alert delivery and the hub without monkey-patching (working and black-holed endpoints)"
         " is in [alert_stall.md](alert_stall.md) (`scripts/alert_stall.py`).",
+        "The cost of TLS per call and per connection is in [tls.md](tls.md)"
+        " (`scripts/tls_figures.py`).",
         "",
         f"## Throughput and latency ({results['settings']['rounds']} rounds of"
         f" {results['settings']['callers']} callers x {results['settings']['calls_each']} calls)",

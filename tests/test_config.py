@@ -210,5 +210,13 @@ def test_zookeeper_security_is_read_from_the_zookeeper_table(tmp_path: Path) -> 
     assert config is not None and config.tls is not None
     assert config.tls.ca_file == str(tmp_path / "zk-ca.pem")
     assert [acl.id.scheme for acl in config.node_acl() or []] == ["digest", "world"]
+    sasl = {"hosts": "h:1", "sasl": {"username": "registrar", "password_env": "ZK_SASL"}}
+    with_sasl = parse_config({"zookeeper": sasl}, {"ZK_SASL": "pw"}, tmp_path).zookeeper
+    assert with_sasl is not None and with_sasl.sasl == {
+        "mechanism": "DIGEST-MD5",
+        "username": "registrar",
+        "password": "pw",
+    }
+    assert "pw" not in repr(with_sasl)
     unprotected = {"zookeeper": {"hosts": "h:1", "auth_env": "ZK_AUTH", "protect": False}}
     assert parse_config(unprotected, {"ZK_AUTH": "u:p"}, tmp_path).zookeeper.node_acl() is None  # type: ignore[union-attr]

@@ -37,6 +37,7 @@ from helpers import events_named, native, wait_until
 pytestmark = pytest.mark.gevent_timeout(60)
 
 REGISTRAR = ("digest", "registrar:s3cret-registr4r")
+SASL_REGISTRAR = {"mechanism": "DIGEST-MD5", "username": "sasl-registrar", "password": "s4sl-pw"}
 
 
 @dataclass
@@ -83,7 +84,11 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureZooKeeper
     files = Files(
         folder / "ca.pem", folder / "client.pem", folder / "client.key", folder / "other-ca.pem"
     )
-    server = ZooKeeperServer(folder / "zk", tls=ZooKeeperTls(key_store, folder / "ca.pem"))
+    server = ZooKeeperServer(
+        folder / "zk",
+        tls=ZooKeeperTls(key_store, folder / "ca.pem"),
+        sasl_users={SASL_REGISTRAR["username"]: SASL_REGISTRAR["password"]},
+    )
     server.start()
     try:
         yield SecureZooKeeper(server, files)
@@ -162,6 +167,42 @@ def test_only_holders_of_the_registration_credential_may_register_or_delete_and_
     with pytest.raises(RegistrationError, match="no permission"):
         registrar.start(timeout=5.0)
     assert anonymous.get_children(f"{root}/echo") == [f"127.0.0.1:{server.port}"]
+
+
+def test_a_sasl_authenticated_registrar_protects_its_nodes_too(
+    secure: SecureZooKeeper,
+    root: str,
+    kazoo_clients: Callable[[ZooKeeperConfig], KazooClient],
+    servers: Callable[..., ThriftServer],
+) -> None:
+    server = servers(secure.config(sasl=SASL_REGISTRAR), root)
+    node = f"{root}/echo/127.0.0.1:{server.port}"
+    anonymous = kazoo_clients(secure.config())
+    acls, _ = anonymous.get_acls(node)
+    assert sorted((a.id.scheme, a.id.id, a.perms) for a in acls) == [
+        ("sasl", "sasl-registrar", 31),
+        ("world", "anyone", 1),
+    ]
+    with pytest.raises(NoAuthError):
+        anonymous.delete(node)
+    with pytest.raises(NoAuthError):
+        anonymous.create(f"{root}/echo/10.6.6.6:9090", native("10.6.6.6", 9090))
+
+
+def test_a_wrong_sasl_password_cannot_register(
+    secure: SecureZooKeeper,
+    root: str,
+    kazoo_clients: Callable[[ZooKeeperConfig], KazooClient],
+    servers: Callable[..., ThriftServer],
+) -> None:
+    servers(secure.config(sasl=SASL_REGISTRAR), root)  # the path exists, protected
+    wrong = {**SASL_REGISTRAR, "password": "guess"}
+    # ZooKeeper lets the session in, unauthenticated (unless the server sets
+    # zookeeper.sessionRequireClientSASLAuth), and refuses what needs the identity
+    impostor = kazoo_clients(secure.config(sasl=wrong, connect_timeout=3.0))
+    registrar = Registrar(impostor, "echo", Instance(host="10.6.6.6", port=9090), root=root)
+    with pytest.raises(RegistrationError, match="authentication failed"):
+        registrar.start(timeout=5.0)
 
 
 def test_an_authenticated_tls_server_registers_is_watched_and_called_as_before(

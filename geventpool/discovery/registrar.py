@@ -26,6 +26,7 @@ import time
 import gevent
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (
+    AuthFailedError,
     KazooException,
     NoAuthError,
     NoChildrenForEphemeralsError,
@@ -107,6 +108,10 @@ class Registrar:
                     break
             except NoAuthError:
                 raise RegistrationError(self._path, "no permission (ZooKeeper ACL)") from None
+            except AuthFailedError:
+                raise RegistrationError(
+                    self._path, "authentication failed (ZooKeeper refused the credential)"
+                ) from None
             except NoChildrenForEphemeralsError:
                 raise RegistrationError(self._path, "a parent node is ephemeral") from None
             except CONNECTION_ERRORS:

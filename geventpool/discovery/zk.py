@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
@@ -26,7 +27,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.handlers.gevent import SequentialGeventHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
-from kazoo.security import ACL, ANYONE_ID_UNSAFE, Permissions, make_digest_acl
+from kazoo.security import ACL, ANYONE_ID_UNSAFE, Id, Permissions, make_digest_acl
 
 from geventpool import events
 from geventpool.errors import ConfigurationError, TlsError, ZooKeeperUnavailableError
@@ -49,11 +50,16 @@ class ZooKeeperConfig:
     ``max_retry_delay`` the longest pause between reconnect attempts; ``auth`` a tuple of
     ``(scheme, credential)`` pairs, e.g. ``(("digest", "user:secret"),)``.
 
-    ``protect`` (with a ``digest`` credential in ``auth``): every node this client creates
-    (a registration and the parents it makes) gets every right for that identity and only
-    reading for anyone else, so that only holders of the credential can register or delete
-    under the service path while any client can read (False: ZooKeeper's open ACL). ``acl``
-    replaces that: the kazoo :class:`~kazoo.security.ACL` list every created node gets.
+    ``sasl`` authenticates by SASL instead (kazoo's ``sasl_options``, for pure-sasl: e.g.
+    ``{"mechanism": "DIGEST-MD5", "username": "registrar", "password": "..."}``; needs the
+    ``sasl`` extra).
+
+    ``protect`` (with a ``digest`` credential in ``auth``, or a SASL ``username``): every
+    node this client creates (a registration and the parents it makes) gets every right for
+    that identity and only reading for anyone else, so that only holders of the credential
+    can register or delete under the service path while any client can read (False:
+    ZooKeeper's open ACL). ``acl`` replaces that: the kazoo :class:`~kazoo.security.ACL`
+    list every created node gets.
     ``tls`` (a :class:`~geventpool.tls.ClientTls`) speaks TLS to ZooKeeper (the hosts then
     name its ``secureClientPort``); the host name in ``hosts`` is checked against the
     server's certificate unless the ``ClientTls`` says otherwise.
@@ -64,6 +70,7 @@ class ZooKeeperConfig:
     connect_timeout: float = 10.0
     max_retry_delay: float = 2.0
     auth: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    sasl: Mapping[str, str] | None = field(default=None, repr=False)
     protect: bool = True
     acl: tuple[ACL, ...] | None = None
     tls: ClientTls | None = None
@@ -84,6 +91,8 @@ class ZooKeeperConfig:
             self.acl and all(isinstance(entry, ACL) for entry in self.acl)
         ):
             raise ConfigurationError("ZooKeeper acl must be a non-empty tuple of kazoo ACLs")
+        if self.sasl is not None:
+            _check_sasl(self.sasl)
         if self.tls is not None and not isinstance(self.tls, ClientTls):
             raise ConfigurationError(f"ZooKeeper tls must be a ClientTls, not {self.tls!r}")
 
@@ -91,11 +100,27 @@ class ZooKeeperConfig:
         """The ACL of the nodes this client creates (None: ZooKeeper's open ACL)."""
         if self.acl is not None:
             return list(self.acl)
-        digests = [credential for scheme, credential in self.auth if scheme == "digest"]
-        if not (self.protect and digests):
+        owners = [
+            make_digest_acl(*credential.split(":", 1), all=True)
+            for scheme, credential in self.auth
+            if scheme == "digest"
+        ]
+        if self.sasl is not None and self.sasl.get("username"):
+            owners.append(ACL(Permissions.ALL, Id("sasl", self.sasl["username"])))
+        if not (self.protect and owners):
             return None
-        user, _, password = digests[0].partition(":")
-        return [make_digest_acl(user, password, all=True), ACL(Permissions.READ, ANYONE_ID_UNSAFE)]
+        return [*owners, ACL(Permissions.READ, ANYONE_ID_UNSAFE)]
+
+
+def _check_sasl(options: Mapping[str, str]) -> None:
+    if not isinstance(options, Mapping) or not isinstance(options.get("mechanism"), str):
+        raise ConfigurationError("ZooKeeper sasl must be a mapping with a 'mechanism'")
+    try:
+        import puresasl.client  # noqa: F401, PLC0415 - only where SASL is asked for
+    except ImportError:
+        raise ConfigurationError(
+            "ZooKeeper sasl needs pure-sasl: pip install 'geventpool[sasl]'"
+        ) from None
 
 
 class TlsGeventHandler(SequentialGeventHandler):  # type: ignore[misc]  # kazoo is untyped
@@ -160,6 +185,7 @@ def make_client(
         command_retry=KazooRetry(**{**retry, "max_tries": 3}),
         auth_data=list(config.auth) or None,
         default_acl=config.node_acl(),
+        sasl_options=None if config.sasl is None else dict(config.sasl),  # kazoo adds to it
         client_id=client_id,
     )
 

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +123,8 @@ def write_key_store(path: Path, private_key_pem: bytes, chain_pem: bytes) -> Pat
 class ZooKeeperServer:
     """One ZooKeeper process; standalone unless ``peers`` lists the ensemble it belongs to.
     With ``tls`` it also serves TLS on ``secure_port`` (Netty), plaintext staying on
-    ``client_port`` (for the four-letter words that tell it is ready)."""
+    ``client_port`` (for the four-letter words that tell it is ready); ``sasl_users`` (names
+    and passwords) lets those users authenticate by SASL DIGEST-MD5."""
 
     def __init__(
         self,
@@ -136,10 +137,12 @@ class ZooKeeperServer:
         java: str = "java",
         classpath: str | None = None,
         tls: ZooKeeperTls | None = None,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.client_port = client_port or free_port()
         self.tls = tls
+        self.sasl_users = dict(sasl_users or {})
         self.secure_port = free_port() if tls is not None else None
         self.tick_time = tick_time
         self.server_id = server_id
@@ -212,6 +215,10 @@ class ZooKeeperServer:
                 f"server.{p.server_id}=127.0.0.1:{p.quorum_port}:{p.election_port}"
                 for p in self.peers
             ]
+        if self.sasl_users:
+            lines.append(
+                "authProvider.sasl=org.apache.zookeeper.server.auth.SASLAuthenticationProvider"
+            )
         config = self.folder / "zoo.cfg"
         config.write_text("\n".join(lines) + "\n")
         return config
@@ -231,6 +238,7 @@ class ZooKeeperServer:
             "-Dzookeeper.forceSync=no",
             "-Dorg.slf4j.simpleLogger.defaultLogLevel=info",
             "-Dorg.slf4j.simpleLogger.showDateTime=true",
+            *self._jaas(),
             "-cp",
             classpath,
             ZOOKEEPER_MAIN,
@@ -247,6 +255,18 @@ class ZooKeeperServer:
         )
         if wait:
             self.wait_ready(timeout)
+
+    def _jaas(self) -> list[str]:
+        """The JVM option naming the JAAS file of ``sasl_users`` (none without them)."""
+        if not self.sasl_users:
+            return []
+        users = "\n".join(
+            f'  user_{name}="{password}"' for name, password in self.sasl_users.items()
+        )
+        jaas = self.folder / "jaas.conf"
+        module = "org.apache.zookeeper.server.auth.DigestLoginModule"
+        jaas.write_text(f"Server {{\n  {module} required\n{users};\n}};\n")
+        return [f"-Djava.security.auth.login.config={jaas}"]
 
     def mode(self) -> str | None:
         """``standalone``, ``leader`` or ``follower`` while serving, else None."""
