@@ -346,3 +346,23 @@ def test_tls_to_zookeeper_never_holds_the_hub_without_monkey_patching(
     # a ticker due every 10 ms kept ticking through 1.5 s of handshakes that never ended; a
     # blocking handshake (the standard library's TLS on an unpatched process) holds it still
     assert figures["ticks"] >= figures["seconds"] / 0.01 / 3, figures
+
+
+def test_without_monkey_patching_host_names_kazoo_would_resolve_blocking_are_refused() -> None:
+    script = textwrap.dedent(
+        """
+        from geventpool.discovery.zk import ZooKeeperConfig, make_client
+        from geventpool.errors import ConfigurationError
+
+        make_client(ZooKeeperConfig("127.0.0.1:2181,[::1]:2181/chroot"))  # addresses: fine
+        try:
+            make_client(ZooKeeperConfig("127.0.0.1:2181,localhost:2181"))
+        except ConfigurationError as error:
+            print(error)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, check=True, text=True
+    )
+    assert "ZooKeeper hosts localhost are names" in result.stdout
+    assert "monkey.patch_all()" in result.stdout

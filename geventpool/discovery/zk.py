@@ -15,6 +15,7 @@ host names verified by default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from collections.abc import Mapping
@@ -23,8 +24,10 @@ from typing import Any, TypeAlias
 
 import gevent
 import gevent.socket
+from gevent import monkey
 from kazoo.client import KazooClient, KazooState
 from kazoo.handlers.gevent import SequentialGeventHandler
+from kazoo.hosts import collect_hosts
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, ANYONE_ID_UNSAFE, Id, Permissions, make_digest_acl
@@ -168,6 +171,7 @@ def make_client(
     """
     if isinstance(config, str):
         config = ZooKeeperConfig(config)
+    _check_resolution(config.hosts)
     handler = SequentialGeventHandler() if config.tls is None else TlsGeventHandler(config.tls)
     retry = {
         "max_tries": -1,
@@ -188,6 +192,31 @@ def make_client(
         sasl_options=None if config.sasl is None else dict(config.sasl),  # kazoo adds to it
         client_id=client_id,
     )
+
+
+def _check_resolution(hosts: str) -> None:
+    """kazoo resolves the connect string's host names with the standard library's
+    ``getaddrinfo`` on every connect attempt, which blocks the hub unless gevent's
+    monkey-patching applies: refuse names (not addresses) then, rather than freeze."""
+    if monkey.is_module_patched("socket"):
+        return
+    names = [
+        host for host, _ in collect_hosts(hosts)[0] if not _is_address(host.strip().strip("[]"))
+    ]
+    if names:
+        raise ConfigurationError(
+            f"ZooKeeper hosts {', '.join(names)} are names, which kazoo resolves with the"
+            " standard library's blocking getaddrinfo (the whole process would wait for DNS on"
+            " every connect): give IP addresses, or apply gevent.monkey.patch_all() first"
+        )
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def connect(config: ZooKeeperConfig | str) -> KazooClient:
