@@ -52,8 +52,10 @@ from geventpool import events
 from geventpool.client import forking
 from geventpool.client.balancer import make_balancer
 from geventpool.client.checkout import Checkout
+from geventpool.client.connection import PooledConnection
 from geventpool.client.exhaustion import ExhaustionReporter
 from geventpool.client.hedging import Hedge, Hedger
+from geventpool.client.observing import OK, Attempt, CallObserver, Observers, outcome_of
 from geventpool.client.pinned import PinnedConnection
 from geventpool.client.pool import InstancePool, InstanceStatus, PoolSettings
 from geventpool.client.pools import ServicePools
@@ -144,6 +146,7 @@ class ServiceClient:
         retry_budget: RetryBudget | None = None,
         hedge: Hedge | None = None,
         tls: ClientTls | None = None,
+        observers: Iterable[CallObserver] = (),
         empty_protection: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -183,6 +186,8 @@ class ServiceClient:
         self._hedger = Hedger(hedge) if hedge is not None else None
         self._empty_protection = empty_protection
         self._clock = clock
+        watching = tuple(observers)
+        self._observers = Observers(watching) if watching else None  # None: no cost per call
         self._methods = frozenset(service.thrift_services)
         self._rebuilding: Event | None = None  # set while one greenlet rebuilds after a fork
         self._reset()
@@ -348,7 +353,10 @@ class ServiceClient:
             deadline if attempt_timeout is None else min(deadline, self._clock() + attempt_timeout)
         )
         try:
-            result = pool.call(connection, method, args, kwargs, ends, started=now)
+            if self._observers is not None:
+                result = self._observed(pool, connection, method, args, kwargs, ends, 1, now)
+            else:
+                result = pool.call(connection, method, args, kwargs, ends, started=now)
         except Exception as error:  # noqa: BLE001 - the policy decides what is retried
             pool.release(connection)
             return self._again(method, args, kwargs, deadline, pool=pool, error=error, key=key)
@@ -460,7 +468,11 @@ class ServiceClient:
             if retry.attempt_timeout is not None:
                 ends = min(deadline, clock() + retry.attempt_timeout)
             try:
-                result = pool.call(connection, method, args, kwargs, ends)
+                if self._observers is not None:
+                    number = len(attempts) + 1
+                    result = self._observed(pool, connection, method, args, kwargs, ends, number)
+                else:
+                    result = pool.call(connection, method, args, kwargs, ends)
             except Exception as failure:  # noqa: BLE001 - the policy decides, as above
                 pool.release(connection)
                 error = failure
@@ -472,6 +484,31 @@ class ServiceClient:
                 raise
             pool.release(connection)
             return result
+
+    def _observed(  # noqa: PLR0917 - pool.call's arguments and the attempt's number
+        self,
+        pool: InstancePool,
+        connection: PooledConnection,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ends: float,
+        number: int,
+        started: float | None = None,
+    ) -> Any:
+        """``pool.call`` told to the observers as attempt ``number``."""
+        attempt = Attempt(self.name, method, pool.name, number)
+        observers, clock = self._observers, self._clock
+        assert observers is not None  # called only when there are some
+        observers.started(attempt)
+        began = clock()
+        try:
+            result = pool.call(connection, method, args, kwargs, ends, started=started)
+        except BaseException as error:
+            observers.ended(attempt, outcome_of(error), clock() - began, error)
+            raise
+        observers.ended(attempt, OK, clock() - began, None)
+        return result
 
     @contextlib.contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[PinnedConnection]:

@@ -1,0 +1,110 @@
+"""The per-call observer hook, against real servers: every attempt's start and end reach
+each observer with the service, method, instance, attempt number, a bounded outcome and a
+duration; retries are attempts of their own; a failing observer loses nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from geventpool import events
+from geventpool.client.observing import OUTCOMES, Attempt
+from geventpool.client.pool import PoolSettings
+from geventpool.client.retrying import Retry
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.instance import Instance
+from geventpool.errors import CallTimeoutError, RetriesExhaustedError
+from geventpool.server.thrift_server import ThriftServer
+from geventpool.testing.echo import echo_thrift
+from helpers import events_named
+
+pytestmark = pytest.mark.gevent_timeout(30)
+
+
+class Recorder:
+    """Keeps what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple[Any, ...]] = []
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        self.told.append(("started", attempt))
+
+    def attempt_ended(
+        self, attempt: Attempt, outcome: str, duration: float, error: BaseException | None
+    ) -> None:
+        self.told.append(("ended", attempt, outcome, duration, type(error).__name__))
+
+
+def client_of(*servers: ThriftServer, **options: Any) -> ServiceClient:
+    return ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[Instance(host="127.0.0.1", port=server.port) for server in servers],
+        pool=PoolSettings(max_connections=2, eject_after=100),
+        **options,
+    )
+
+
+def test_each_attempt_is_told_its_start_and_its_end_with_a_bounded_outcome(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    server = serve()
+    recorder = Recorder()
+    with client_of(server, observers=[recorder]) as client:
+        assert client.echo("a") == "a"
+        with pytest.raises(echo_thrift.Refused):
+            client.refuse("no")
+        with pytest.raises(CallTimeoutError):
+            client.slow_echo("late", 0.5, timeout=0.1)
+    where = f"127.0.0.1:{server.port}"
+    assert [entry[0] for entry in recorder.told] == ["started", "ended"] * 3
+    ended = [entry for entry in recorder.told if entry[0] == "ended"]
+    assert [(e[1], e[2], e[4]) for e in ended] == [
+        (Attempt("echo", "echo", where, 1), "ok", "NoneType"),
+        (Attempt("echo", "refuse", where, 1), "declared_exception", "Refused"),
+        (Attempt("echo", "slow_echo", where, 1), "timeout", "CallTimeoutError"),
+    ]
+    assert {e[2] for e in ended} <= set(OUTCOMES)
+    assert 0.09 <= ended[2][3] < 0.5  # the timed-out attempt took about its deadline
+
+
+def test_a_retry_is_an_attempt_of_its_own_numbered_within_its_call(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    slow, fast = serve(), serve()
+    recorder = Recorder()
+    retry = Retry(retries=2, idempotent=True, attempt_timeout=0.1)
+    client = client_of(slow, fast, observers=[recorder], retry=retry, balancer="round_robin")
+    # slow_echo takes 0.3 s on either instance: each attempt times out, then the call
+    with client, pytest.raises(RetriesExhaustedError):
+        client.slow_echo("x", 0.3, timeout=1.0)
+    ended = [entry for entry in recorder.told if entry[0] == "ended"]
+    assert [e[1].attempt for e in ended] == [1, 2, 3]
+    assert {e[2] for e in ended} == {"timeout"}
+    assert {e[1].instance for e in ended} == {
+        f"127.0.0.1:{slow.port}",
+        f"127.0.0.1:{fast.port}",
+    }  # the retry went to the other instance first
+
+
+class Broken:
+    def attempt_started(self, attempt: Attempt) -> None:
+        raise RuntimeError("observer bug")
+
+    def attempt_ended(self, *args: Any) -> None:
+        raise RuntimeError("observer bug")
+
+
+def test_a_failing_observer_breaks_no_call_and_is_told_once(
+    serve: Callable[..., ThriftServer], captured: list[Any]
+) -> None:
+    server = serve()
+    recorder = Recorder()
+    with client_of(server, observers=[Broken(), recorder]) as client:
+        assert [client.echo(str(n)) for n in range(5)] == [str(n) for n in range(5)]
+    assert len([e for e in recorder.told if e[0] == "ended"]) == 5  # the next one still told
+    (told,) = events_named(captured, events.CALL_OBSERVER_FAILED)
+    assert told["observer"] == "Broken" and "observer bug" in told["error"]
