@@ -8,6 +8,7 @@ the check itself is shown able to fail.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
@@ -119,6 +120,10 @@ def violations(graph: Mapping[str, set[str]], top: str) -> list[str]:
                 found.append(f"{via}: discovery imports neither client nor server")
             if inside(module, wire) and not (inside(target, wire) or target == errors):
                 found.append(f"{via}: wire imports nothing but errors")
+            if inside(target, f"{top}.observe") and not (
+                inside(module, f"{top}.observe") or module == top or integration
+            ):
+                found.append(f"{via}: nothing on the call path imports observe")
             if (
                 inside(target, alerts)
                 and not inside(module, alerts)
@@ -314,3 +319,13 @@ def test_the_docs_name_every_module_of_the_library() -> None:
         assert path.name in layout, f"the README layout does not list {relative}"
     for listed in ("discovery/", "wire/", "client/", "server/", "alerts/"):
         assert listed in layout and (PACKAGE / listed).is_dir()
+
+
+def test_only_observe_imports_prometheus_client() -> None:
+    package = Path(geventpool.__file__).parent
+    importing = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if re.search(r"^\s*(from|import) prometheus_client", path.read_text(), re.MULTILINE)
+    )
+    assert importing == ["observe/prometheus.py"]
