@@ -8,12 +8,13 @@ from collections.abc import Callable
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from thriftpy2.thrift import TApplicationException
 
 from geventpool.client.pool import PoolSettings
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
 from geventpool.errors import CallTimeoutError
-from geventpool.observe.prometheus import ClientMetrics
+from geventpool.observe.prometheus import ClientMetrics, ServerMetrics
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 
@@ -87,3 +88,22 @@ def test_a_scrape_shows_calls_by_outcome_their_durations_and_the_pools_numbers(
     assert samples[("geventpool_client_instances", labels(service="echo"))] == 1
     assert ("geventpool_client_retries_total", labels(service="echo")) in samples
     assert ("geventpool_client_retry_budget", labels(service="echo")) in samples
+
+
+def test_a_scrape_shows_each_watched_servers_numbers(serve: Callable[..., ThriftServer]) -> None:
+    server = serve()
+    registry = CollectorRegistry()
+    ServerMetrics(registry).watch(server)
+    with ServiceClient(
+        echo_thrift.Echo, "echo", instances=[Instance(host="127.0.0.1", port=server.port)]
+    ) as client:
+        for n in range(4):
+            client.echo(str(n))
+        with pytest.raises(TApplicationException):
+            client.crash("boom")
+        samples = scrape(registry)
+    port = (("port", str(server.port)),)
+    assert samples[("geventpool_server_calls_total", port)] == 5
+    assert samples[("geventpool_server_handler_errors_total", port)] == 1
+    assert samples[("geventpool_server_accepted_total", port)] >= 1
+    assert samples[("geventpool_server_connections", port)] >= 1

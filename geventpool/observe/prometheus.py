@@ -1,4 +1,6 @@
-"""Prometheus metrics of geventpool clients (the ``metrics`` extra: ``prometheus_client``).
+"""Prometheus metrics of geventpool clients and servers (the ``metrics`` extra:
+``prometheus_client``); :class:`ServerMetrics` reads each watched server's ``stats`` at the
+scrape.
 
 :class:`ClientMetrics` is a :class:`~geventpool.client.observing.CallObserver` and a
 collector. Given as an observer (``ServiceClient(observers=[metrics])``) it counts every
@@ -42,6 +44,7 @@ from geventpool.client.observing import Attempt
 
 if TYPE_CHECKING:
     from geventpool.client.service import ServiceClient
+    from geventpool.server.thrift_server import ThriftServer
 
 #: Seconds: from a fast local call to a slow one near the default 5 s deadline.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -177,3 +180,45 @@ class _StatusCollector:
         yield from service_counters.values()
         yield budget
         yield members
+
+
+_SERVER_NUMBERS = (
+    ("connections", "Connections the server holds now.", "connections", GaugeMetricFamily),
+    ("accepted", "Connections the server accepted.", "accepted", CounterMetricFamily),
+    ("calls", "Calls the server ran.", "calls", CounterMetricFamily),
+    (
+        "handler_errors",
+        "Calls whose handler raised an undeclared exception.",
+        "handler_errors",
+        CounterMetricFamily,
+    ),
+    ("killed", "Calls cut short by the drain timeout.", "killed", CounterMetricFamily),
+)
+
+
+class ServerMetrics:
+    """The numbers of the :class:`~geventpool.server.thrift_server.ThriftServer` instances it
+    watches, read from their ``stats`` at each scrape (``geventpool_server_connections``,
+    ``..._accepted_total``, ``..._calls_total``, ``..._handler_errors_total``,
+    ``..._killed_total``; label ``port``), in ``registry`` (default: the process's)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self._servers: weakref.WeakSet[ThriftServer] = weakref.WeakSet()
+        registry.register(self)
+
+    def watch(self, server: ThriftServer) -> ThriftServer:
+        """Report ``server``'s numbers at each scrape (until it is garbage)."""
+        self._servers.add(server)
+        return server
+
+    def collect(self) -> Iterator[Metric]:
+        """Each watched server's numbers, as they are now."""
+        families = [
+            (kind(f"geventpool_server_{name}", text, labels=["port"]), field)
+            for name, text, field, kind in _SERVER_NUMBERS
+        ]
+        for server in list(self._servers):
+            for family, field in families:
+                family.add_metric([str(server.port)], getattr(server.stats, field))
+        for family, _ in families:
+            yield family
