@@ -19,6 +19,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+import gevent
 import gevent.ssl
 
 from geventpool.errors import ConfigurationError, TlsError
@@ -217,11 +218,20 @@ def handshake(
     except (OSError, ValueError) as error:
         sock.close()
         raise TlsError(peer, f"{error}") from None
+    # one timer for the whole handshake: a socket timeout bounds each wait only, and a peer
+    # that sends a byte at a time would reset it at every byte
+    timer = gevent.Timeout(timeout)
+    timer.start()
     try:
         tls.settimeout(timeout)
         tls.do_handshake()
         tls.settimeout(None)
         return tls
+    except gevent.Timeout as fired:
+        if fired is not timer:
+            tls.close()
+            raise
+        reason, at_fault = _late(timeout), True
     except ssl.SSLCertVerificationError as error:
         reason, at_fault = f"the peer's certificate: {error.verify_message}", True
     except ssl.SSLError as error:
@@ -237,5 +247,7 @@ def handshake(
         reason, at_fault = _late(timeout), True
     except OSError as error:
         reason, at_fault = f"{error!r}", True
+    finally:
+        timer.close()
     tls.close()
     raise TlsError(peer, reason, peer_at_fault=at_fault)

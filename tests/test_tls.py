@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -450,3 +451,75 @@ def test_tls_files_that_cannot_be_used_are_configuration_errors(pki: Pki, tmp_pa
         PoolSettings(tls="yes")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="tls must be a ServerTls"):
         ThriftServer(echo_thrift.Echo, object(), tls=True)  # type: ignore[arg-type]
+
+
+def client_hello() -> bytes:
+    """A real TLS ClientHello, as the first bytes a client sends."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    context = monkey.get_original("ssl", "SSLContext")(ssl.PROTOCOL_TLS_CLIENT)
+    hello = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello.do_handshake()
+    return outgoing.read()
+
+
+def trickle(sock: socket.socket, data: bytes, every: float) -> None:
+    """Send ``data`` one byte every ``every`` seconds, until done or the peer closes."""
+    for byte in data:
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            return
+        gevent.sleep(every)
+
+
+def test_a_client_trickling_its_handshake_holds_a_server_slot_no_longer_than_the_timeout(
+    serve: Callable[..., ThriftServer], pki: Pki
+) -> None:
+    server = serve(
+        tls=ServerTls(
+            cert_file=str(pki.server_cert), key_file=str(pki.server_key), handshake_timeout=0.5
+        )
+    )
+    slow = socket.create_connection(("127.0.0.1", server.port))
+    began = time.monotonic()
+    sender = gevent.spawn(trickle, slow, client_hello(), 0.05)  # ~26 s for the whole hello
+    try:
+        slow.settimeout(10.0)
+        assert slow.recv(1024) == b""  # the server gave up and closed it
+        assert time.monotonic() - began < 3.0  # a socket timeout would reset at every byte
+    finally:
+        sender.kill()
+        slow.close()
+
+
+def test_a_server_trickling_its_handshake_is_given_up_at_the_connect_timeout(
+    make_client: Callable[..., ServiceClient], pki: Pki
+) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    # a handshake record header claiming 16,000 bytes, then its body a byte at a time
+    record = b"\x16\x03\x03\x3e\x80" + b"\x02" * 400
+
+    def trickling_server() -> None:
+        while True:
+            peer, _ = listener.accept()
+            gevent.spawn(trickle, peer, record, 0.02)
+
+    accepting = gevent.spawn(trickling_server)
+    try:
+        client = make_client(
+            Instance(host="127.0.0.1", port=listener.getsockname()[1], tls=True),
+            tls=ClientTls(ca_file=str(pki.ca)),
+            connect_timeout=0.3,
+            eject_after=100,
+        )
+        began = time.monotonic()
+        with pytest.raises((TlsError, RetriesExhaustedError)) as caught:
+            client.echo("hello?", timeout=5.0)
+        assert "no handshake within" in str(caught.value)
+        assert time.monotonic() - began < 2.0  # 8 s of trickle if each byte reset the clock
+    finally:
+        accepting.kill()
+        listener.close()

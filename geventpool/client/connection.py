@@ -275,7 +275,10 @@ class Connection:
 
 def _only_tls_records(sock: gevent.ssl.SSLSocket) -> bool:
     """Whether what is waiting on TLS ``sock`` held no data: read at once, without waiting
-    (True: nothing but TLS's own records; False: data, end of file or an error)."""
+    (True: nothing but whole records of TLS's own; False: data, a record not whole yet, end
+    of file or an error)."""
+    if not _whole_records(sock.fileno()):
+        return False  # part of a record: it may be data, and reading it would hide the rest
     sock.settimeout(0.0)
     try:
         sock.recv(1)  # data (unasked: the connection is unusable), or b"" at end of file
@@ -287,6 +290,22 @@ def _only_tls_records(sock: gevent.ssl.SSLSocket) -> bool:
         with contextlib.suppress(OSError):
             sock.settimeout(None)
     return False
+
+
+def _whole_records(fd: int) -> bool:
+    """Whether the bytes waiting on socket ``fd`` are whole TLS records (peeked, not read)."""
+    try:
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as peek:
+            waiting = peek.recv(_PEEK_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    at = 0
+    while at + 5 <= len(waiting):  # a record: type, version (2 bytes), length (2 bytes)
+        at += 5 + int.from_bytes(waiting[at + 3 : at + 5], "big")
+    return 0 < at == len(waiting)
+
+
+_PEEK_MAX = 1 << 16
 
 
 def _secure(
