@@ -7,6 +7,7 @@ instance and the reason, counted towards ejection only when the instance is at f
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import time
@@ -522,4 +523,45 @@ def test_a_server_trickling_its_handshake_is_given_up_at_the_connect_timeout(
         assert time.monotonic() - began < 2.0  # 8 s of trickle if each byte reset the clock
     finally:
         accepting.kill()
+        listener.close()
+
+
+def test_an_idle_connection_holding_part_of_a_record_is_not_handed_to_the_next_caller(
+    serve: Callable[..., ThriftServer], make_client: Callable[..., ServiceClient], pki: Pki
+) -> None:
+    upstream = serve()  # plaintext; the proxy below speaks TLS to the client
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def proxy(raw: socket.socket) -> None:
+        secured = context.wrap_socket(raw, server_side=True)
+        beneath = socket.socket(fileno=os.dup(secured.fileno()))  # the TCP stream itself
+        with beneath, socket.create_connection(("127.0.0.1", upstream.port)) as plain:
+            plain.sendall(secured.recv(65536))  # the first call, and its reply
+            secured.sendall(plain.recv(65536))
+            gevent.sleep(0.05)
+            # an application-data record header claiming 16,384 bytes, and 100 of them
+            beneath.sendall(b"\x17\x03\x03\x40\x00" + b"z" * 100)
+            gevent.sleep(5)
+
+    def accepting() -> None:
+        while True:
+            gevent.spawn(proxy, listener.accept()[0])
+
+    acceptor = gevent.spawn(accepting)
+    try:
+        client = make_client(
+            Instance(host="127.0.0.1", port=listener.getsockname()[1], tls=True),
+            tls=ClientTls(ca_file=str(pki.ca)),
+            max_connections=1,
+            eject_after=100,
+        )
+        assert client.echo("first") == "first"
+        gevent.sleep(0.3)  # the part of a record arrives on the idle connection
+        assert client.echo("second", timeout=1.5) == "second"  # on a new connection
+    finally:
+        acceptor.kill()
         listener.close()
