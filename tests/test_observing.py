@@ -1,13 +1,18 @@
-"""The per-call observer hook, against real servers: every attempt's start and end reach
-each observer with the service, method, instance, attempt number, a bounded outcome and a
-duration; retries are attempts of their own; a failing observer loses nothing."""
+"""The per-call observer hooks, against real servers: every attempt's start and end reach
+each client observer with the service, method, instance, attempt number, its wait, a bounded
+outcome and a duration; retries are attempts of their own; a server tells each call's
+method, outcome and handler time; a failing observer loses nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
+import thriftpy2
+from thriftpy2.thrift import TApplicationException
 
 from geventpool import events
 from geventpool.client.observing import OUTCOMES, Attempt
@@ -16,6 +21,7 @@ from geventpool.client.retrying import Retry
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
 from geventpool.errors import CallTimeoutError, RetriesExhaustedError
+from geventpool.server.observing import SERVER_OUTCOMES, ServedCall
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from helpers import events_named
@@ -62,12 +68,13 @@ def test_each_attempt_is_told_its_start_and_its_end_with_a_bounded_outcome(
     where = f"127.0.0.1:{server.port}"
     assert [entry[0] for entry in recorder.told] == ["started", "ended"] * 3
     ended = [entry for entry in recorder.told if entry[0] == "ended"]
-    assert [(e[1], e[2], e[4]) for e in ended] == [
-        (Attempt("echo", "echo", where, 1), "ok", "NoneType"),
-        (Attempt("echo", "refuse", where, 1), "declared_exception", "Refused"),
-        (Attempt("echo", "slow_echo", where, 1), "timeout", "CallTimeoutError"),
+    assert [(e[1][:4], e[2], e[4]) for e in ended] == [
+        (("echo", "echo", where, 1), "ok", "NoneType"),
+        (("echo", "refuse", where, 1), "declared_exception", "Refused"),
+        (("echo", "slow_echo", where, 1), "timeout", "CallTimeoutError"),
     ]
     assert {e[2] for e in ended} <= set(OUTCOMES)
+    assert all(0 <= e[1].waited < 0.05 for e in ended)  # a free connection: no real wait
     assert 0.09 <= ended[2][3] < 0.5  # the timed-out attempt took about its deadline
 
 
@@ -90,12 +97,37 @@ def test_a_retry_is_an_attempt_of_its_own_numbered_within_its_call(
     }  # the retry went to the other instance first
 
 
+def test_an_attempt_says_how_long_it_waited_for_its_connection(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    server = serve()
+    recorder = Recorder()
+    client = ServiceClient(
+        echo_thrift.Echo,
+        "echo",
+        instances=[Instance(host="127.0.0.1", port=server.port)],
+        pool=PoolSettings(max_connections=1, max_inflight=1),
+        observers=[recorder],
+    )
+    with client:
+        holder = gevent.spawn(client.slow_echo, "first", 0.3)
+        gevent.sleep(0.05)  # the one connection is taken
+        assert client.echo("second") == "second"
+        holder.get()
+    ended = {e[1].method: e[1] for e in recorder.told if e[0] == "ended"}
+    assert ended["slow_echo"].waited < 0.05
+    assert 0.2 <= ended["echo"].waited < 0.5  # it waited for the slow call's connection
+
+
 class Broken:
     def attempt_started(self, attempt: Attempt) -> None:
         raise RuntimeError("observer bug")
 
     def attempt_ended(self, *args: Any) -> None:
         raise RuntimeError("observer bug")
+
+    call_started = attempt_started
+    call_ended = attempt_ended
 
 
 def test_a_failing_observer_breaks_no_call_and_is_told_once(
@@ -108,3 +140,49 @@ def test_a_failing_observer_breaks_no_call_and_is_told_once(
     assert len([e for e in recorder.told if e[0] == "ended"]) == 5  # the next one still told
     (told,) = events_named(captured, events.CALL_OBSERVER_FAILED)
     assert told["observer"] == "Broken" and "observer bug" in told["error"]
+
+
+class ServerRecorder:
+    """Keeps the server's calls as they end (it asks not to be told the starts)."""
+
+    observes_starts = False
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[ServedCall, str, float, str]] = []
+
+    def call_started(self, call: ServedCall) -> None:
+        raise AssertionError("observes_starts is False: never told the starts")
+
+    def call_ended(
+        self, call: ServedCall, outcome: str, duration: float, error: BaseException | None
+    ) -> None:
+        self.ended.append((call, outcome, duration, type(error).__name__))
+
+
+def test_a_server_tells_each_call_its_method_outcome_and_handler_time(
+    serve: Callable[..., ThriftServer], tmp_path: Path
+) -> None:
+    recorder = ServerRecorder()
+    server = serve(observers=[Broken(), recorder])  # a failing observer loses nothing
+    (tmp_path / "other.thrift").write_text("service Echo { string nosuch(1: string msg) }\n")
+    other = thriftpy2.load(str(tmp_path / "other.thrift"), module_name="other_thrift")
+    with client_of(server) as client:
+        assert client.slow_echo("a", 0.05) == "a"
+        with pytest.raises(echo_thrift.Refused):
+            client.refuse("no")
+        with pytest.raises(TApplicationException):
+            client.crash("boom")
+    stranger = ServiceClient(
+        other.Echo, "echo", instances=[Instance(host="127.0.0.1", port=server.port)]
+    )
+    with stranger, pytest.raises(TApplicationException):
+        stranger.nosuch("?")
+    port = server.port
+    assert [(call, outcome, error) for call, outcome, _, error in recorder.ended] == [
+        (ServedCall(port, "slow_echo"), "ok", "NoneType"),
+        (ServedCall(port, "refuse"), "declared_exception", "Refused"),
+        (ServedCall(port, "crash"), "handler_error", "RuntimeError"),
+        (ServedCall(port, "nosuch"), "unknown_method", "NoneType"),
+    ]
+    assert {entry[1] for entry in recorder.ended} <= set(SERVER_OUTCOMES)
+    assert 0.04 <= recorder.ended[0][2] < 0.5  # the handler's own time

@@ -2,26 +2,26 @@
 
 A :class:`CallObserver` given to :class:`~geventpool.client.service.ServiceClient`
 (``observers=``) is told when each attempt starts and how it ended: the service, the method,
-the instance, the attempt's number within its call (1, then 2 for the first retry, ...), the
-outcome (one of :data:`OUTCOMES`, a bounded set fit for a metric label) and how long the
-attempt took on the client's clock (from the send's start to its end; the wait for a
-connection is not in it). Hedged backups are attempts of their own, numbered from 1.
+the instance, the attempt's number within its call (1, then 2 for the first retry, ...), how
+long it waited for its connection, the outcome (one of :data:`OUTCOMES`, a bounded set fit for
+a metric label) and how long the attempt took on the client's clock (from the send's start to
+its end; the wait for a connection is not in it). Hedged backups are attempts of their own,
+numbered from 1.
 
 Observers run in the caller's greenlet, on the call path: they must only record, never
-block. One that raises loses nothing but its own record: the call goes on, and the first
-failure of each observer is told (``call_observer_failed``).
+block. One that raises loses nothing but its own record (see :mod:`geventpool.observers`);
+one that needs only the ends sets ``observes_starts = False``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import gevent
 from thriftpy2.thrift import TApplicationException, TException
 
-from geventpool import events
 from geventpool.errors import CallTimeoutError, GeventPoolError, TransportError
+from geventpool.observers import Observers, new_record
 
 OK = "ok"
 DECLARED_EXCEPTION = "declared_exception"  # the server answered with an IDL exception
@@ -33,14 +33,15 @@ CANCELLED = "cancelled"  # the caller's greenlet was killed or its own gevent.Ti
 OUTCOMES = (OK, DECLARED_EXCEPTION, APPLICATION_ERROR, TIMEOUT, TRANSPORT_ERROR, ERROR, CANCELLED)
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One attempt of a call: where it goes and which one it is."""
+class Attempt(NamedTuple):
+    """One attempt of a call: where it goes, which one it is, and the seconds it waited for
+    its connection (a tuple: made once per attempt on the call path, it must be cheap)."""
 
     service: str
     method: str
     instance: str
     attempt: int
+    waited: float = 0.0
 
 
 class CallObserver(Protocol):
@@ -73,39 +74,11 @@ def outcome_of(error: BaseException) -> str:
     return ERROR
 
 
-class Observers:
-    """The observers of one client, each told in turn; a failing one never breaks a call."""
+def client_observers(observers: tuple[CallObserver, ...]) -> Observers[Attempt]:
+    """The dispatch of a client's attempts to ``observers``."""
+    return Observers(
+        observers, "attempt_started", "attempt_ended", lambda attempt: {"service": attempt.service}
+    )
 
-    __slots__ = ("_failed", "_observers")
 
-    def __init__(self, observers: tuple[CallObserver, ...]) -> None:
-        self._observers = observers
-        self._failed: set[int] = set()
-
-    def started(self, attempt: Attempt) -> None:
-        for observer in self._observers:
-            try:
-                observer.attempt_started(attempt)
-            except Exception as failure:  # noqa: BLE001 - an observer never breaks a call
-                self._tell(observer, attempt, failure)
-
-    def ended(
-        self, attempt: Attempt, outcome: str, duration: float, error: BaseException | None
-    ) -> None:
-        for observer in self._observers:
-            try:
-                observer.attempt_ended(attempt, outcome, duration, error)
-            except Exception as failure:  # noqa: BLE001
-                self._tell(observer, attempt, failure)
-
-    def _tell(self, observer: CallObserver, attempt: Attempt, failure: Exception) -> None:
-        if id(observer) in self._failed:
-            return
-        self._failed.add(id(observer))
-        events.emit(
-            events.CALL_OBSERVER_FAILED,
-            "error",
-            service=attempt.service,
-            observer=type(observer).__name__,
-            error=f"{failure!r:.200}",
-        )
+__all__ = ["OUTCOMES", "Attempt", "CallObserver", "client_observers", "new_record", "outcome_of"]

@@ -55,7 +55,14 @@ from geventpool.client.checkout import Checkout
 from geventpool.client.connection import PooledConnection
 from geventpool.client.exhaustion import ExhaustionReporter
 from geventpool.client.hedging import Hedge, Hedger
-from geventpool.client.observing import OK, Attempt, CallObserver, Observers, outcome_of
+from geventpool.client.observing import (
+    OK,
+    Attempt,
+    CallObserver,
+    client_observers,
+    new_record,
+    outcome_of,
+)
 from geventpool.client.pinned import PinnedConnection
 from geventpool.client.pool import InstancePool, InstanceStatus, PoolSettings
 from geventpool.client.pools import ServicePools
@@ -102,6 +109,11 @@ class ServiceStatus:
     retry_budget: float = 0.0
     #: Backup requests sent (with a Hedge).
     hedged: int = 0
+    #: The state of the client's ZooKeeper connection (``CONNECTED``, ``SUSPENDED``,
+    #: ``LOST``; None with static instances), and how many children of the service's path
+    #: are rejected now (which, and why: ``client.membership.rejected``).
+    zookeeper: str | None = None
+    rejected: int = 0
 
 
 class ServiceClient:
@@ -186,8 +198,9 @@ class ServiceClient:
         self._hedger = Hedger(hedge) if hedge is not None else None
         self._empty_protection = empty_protection
         self._clock = clock
-        watching = tuple(observers)
-        self._observers = Observers(watching) if watching else None  # None: no cost per call
+        self._watching = tuple(observers)
+        # None: no cost per call
+        self._observers = client_observers(self._watching) if self._watching else None
         self._methods = frozenset(service.thrift_services)
         self._rebuilding: Event | None = None  # set while one greenlet rebuilds after a fork
         self._reset()
@@ -354,7 +367,7 @@ class ServiceClient:
         )
         try:
             if self._observers is not None:
-                result = self._observed(pool, connection, method, args, kwargs, ends, 1, now)
+                result = self._observed(pool, connection, method, args, kwargs, ends, 1, now, now)
             else:
                 result = pool.call(connection, method, args, kwargs, ends, started=now)
         except Exception as error:  # noqa: BLE001 - the policy decides what is retried
@@ -451,6 +464,7 @@ class ServiceClient:
             pause = retry.delay(len(attempts))
             if pause:
                 gevent.sleep(min(pause, max(0.0, deadline - clock())))
+            asked = clock()  # the wait for this attempt's connection starts
             try:
                 pool, connection = self._checkout(deadline, method, tried, key)
             except RetryBudgetExhaustedError as refused:
@@ -470,7 +484,9 @@ class ServiceClient:
             try:
                 if self._observers is not None:
                     number = len(attempts) + 1
-                    result = self._observed(pool, connection, method, args, kwargs, ends, number)
+                    result = self._observed(
+                        pool, connection, method, args, kwargs, ends, number, asked
+                    )
                 else:
                     result = pool.call(connection, method, args, kwargs, ends)
             except Exception as failure:  # noqa: BLE001 - the policy decides, as above
@@ -494,14 +510,18 @@ class ServiceClient:
         kwargs: dict[str, Any],
         ends: float,
         number: int,
+        asked: float,
         started: float | None = None,
     ) -> Any:
-        """``pool.call`` told to the observers as attempt ``number``."""
-        attempt = Attempt(self.name, method, pool.name, number)
+        """``pool.call`` told to the observers as attempt ``number``, whose connection was
+        asked for at ``asked`` on the client's clock."""
         observers, clock = self._observers, self._clock
         assert observers is not None  # called only when there are some
-        observers.started(attempt)
         began = clock()
+        attempt = new_record(Attempt, (self.name, method, pool.name, number, began - asked))
+        if observers.starts:
+            observers.started(attempt)
+            began = clock()
         try:
             result = pool.call(connection, method, args, kwargs, ends, started=started)
         except BaseException as error:
@@ -561,6 +581,14 @@ class ServiceClient:
         self._reset()  # the parent's ZooKeeper client is abandoned, never stopped from here
         events.emit(events.CLIENT_REBUILT_AFTER_FORK, service=self.name)
 
+    def observe(self, observer: CallObserver) -> None:
+        """Tell ``observer`` about every attempt from now on, as those given in
+        ``observers=`` are (once, however often it is given)."""
+        if any(observer is known for known in self._watching):
+            return
+        self._watching = (*self._watching, observer)
+        self._observers = client_observers(self._watching)
+
     # -- status --------------------------------------------------------------------------------
 
     @property
@@ -572,9 +600,16 @@ class ServiceClient:
         client_id = membership.client.client_id
         return client_id[0] if client_id else None
 
+    @property
+    def membership(self) -> Membership | None:
+        """The registry view the instances come from (its rejected children, its kazoo
+        client's state), read-only use; None with ``instances=`` or before start."""
+        return self._source.membership
+
     def status(self) -> ServiceStatus:
         """A snapshot of every instance's pool and the totals."""
         instances = self._pools.status()
+        membership = self._source.membership
         return ServiceStatus(
             service=self.name,
             started=self._started and not self._closed,
@@ -588,4 +623,6 @@ class ServiceClient:
             retries_refused=self._budget.refused,
             retry_budget=round(self._budget.available(self._clock()), 1),
             hedged=self._hedger.backups if self._hedger is not None else 0,
+            zookeeper=None if membership is None else str(membership.client.state),
+            rejected=0 if membership is None else len(membership.rejected),
         )

@@ -1,36 +1,53 @@
 """Prometheus metrics of geventpool clients and servers (the ``metrics`` extra:
-``prometheus_client``); :class:`ServerMetrics` reads each watched server's ``stats`` at the
-scrape.
+``prometheus_client``).
 
 :class:`ClientMetrics` is a :class:`~geventpool.client.observing.CallObserver` and a
-collector. Given as an observer (``ServiceClient(observers=[metrics])``) it counts every
-attempt by service, method, instance and outcome, and times it by service and method; told
-to :meth:`~ClientMetrics.watch` a client, it reads that client's ``status()`` at each scrape
-(pool states, retries, exhaustion), which costs the calls nothing. Label sets are bounded:
-no per-call label; the outcome is one of :data:`~geventpool.client.observing.OUTCOMES`.
+collector: told to :meth:`~ClientMetrics.watch` a client, it observes that client's attempts
+and reads its ``status()`` at each scrape (which costs the calls nothing).
+:class:`ServerMetrics` does the same for a
+:class:`~geventpool.server.thrift_server.ThriftServer` (its calls through the server's
+observer hook, its ``stats`` at the scrape). Label sets are bounded: no per-call label; an
+outcome is one of :data:`~geventpool.client.observing.OUTCOMES` or
+:data:`~geventpool.server.observing.SERVER_OUTCOMES`.
 
-Names follow Prometheus's conventions:
+Client metrics (names by Prometheus's conventions):
 
 * ``geventpool_client_calls_total`` (counter; ``service``, ``method``, ``instance``,
   ``outcome``): attempts, retries and hedged backups included;
 * ``geventpool_client_call_duration_seconds`` (histogram; ``service``, ``method``): each
   attempt, from its send to its end;
-* per instance (``service``, ``instance``): ``geventpool_client_connections_in_use``,
+* ``geventpool_client_pool_wait_seconds`` (histogram; ``service``, ``method``): each
+  attempt's wait for its connection (or its turn on a shared one);
+* per instance (``service``, ``instance``), gauges: ``geventpool_client_connections_in_use``,
   ``..._connections_idle``, ``..._connections_opening``, ``..._connections_max``,
-  ``..._waiters``, ``..._instance_ejected`` (1 or 0), ``..._ejections_total``,
-  ``..._connections_opened_total``, ``..._connect_failures`` (the current streak);
+  ``..._waiters``, ``..._calls_in_flight``, ``..._instance_ejected`` (1 or 0),
+  ``..._connect_failures`` (the current streak); counters: ``..._ejections_total``,
+  ``..._connections_opened_total``;
 * per service (``service``): ``geventpool_client_retries_total``,
   ``..._retries_refused_total`` (by the retry budget), ``..._retry_budget`` (retries it
   allows now), ``..._exhausted_total`` (``PoolExhaustedError``), ``..._hedged_total``,
-  ``..._instances`` (in the view).
+  ``..._instances`` (in the view), ``..._rejected_children`` (children of the registry path
+  rejected now), ``..._zookeeper_state`` (``state``: 1 for ``CONNECTED``, ``SUSPENDED`` or
+  ``LOST``, whichever holds, 0 for the others; clients of a registry only).
+
+Server metrics (``port``):
+
+* ``geventpool_server_calls_total`` (counter; ``port``, ``method``, ``outcome``) and
+  ``geventpool_server_call_duration_seconds`` (histogram; ``port``, ``method``: the
+  handler's time);
+* ``geventpool_server_connections`` (gauge), ``..._accepted_total``,
+  ``..._handler_errors_total``, ``..._killed_total`` (by the drain timeout),
+  ``..._at_capacity_total`` (connections accepted as the last of ``max_connections``),
+  ``..._refused_total`` (``reason``: ``over_limits`` or ``malformed``: connections closed
+  for their request).
 """
 
 from __future__ import annotations
 
 import weakref
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import (
@@ -44,11 +61,15 @@ from geventpool.client.observing import Attempt
 
 if TYPE_CHECKING:
     from geventpool.client.service import ServiceClient
+    from geventpool.server.observing import ServedCall
     from geventpool.server.thrift_server import ThriftServer
 
 #: Seconds: from a fast local call to a slow one near the default 5 s deadline.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BOUNDS = (*(str(bound) for bound in BUCKETS), "+Inf")  # the buckets' le labels
+
+#: kazoo's connection states, each a ``state`` label of ``geventpool_client_zookeeper_state``.
+ZOOKEEPER_STATES = ("CONNECTED", "SUSPENDED", "LOST")
 
 _INSTANCE_GAUGES = (
     ("connections_in_use", "Connections to the instance held by callers now.", "in_use"),
@@ -70,63 +91,152 @@ _SERVICE_COUNTERS = (
 )
 
 
+class _Histogram:
+    """One histogram's series: raw values kept in a short list on the call path (an append
+    each) and folded into cumulative buckets at each scrape, or once :data:`FOLD_EVERY` have
+    gathered (a sort and one bisection per bucket: a third of a bisection per value)."""
+
+    __slots__ = ("buckets", "pending", "sum")
+
+    def __init__(self) -> None:
+        self.pending: list[float] = []
+        self.buckets = [0] * (len(BUCKETS) + 1)  # cumulative (le each bound), then +Inf
+        self.sum = 0.0
+
+    def fold(self) -> None:
+        """Move the raw values into the buckets."""
+        values = self.pending
+        values.sort()
+        for index, bound in enumerate(BUCKETS):
+            self.buckets[index] += bisect_right(values, bound)
+        self.buckets[-1] += len(values)
+        self.sum += sum(values)
+        values.clear()
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        """Fold, and add the series to ``family`` with ``labels``."""
+        self.fold()
+        counts = [(bound, float(count)) for bound, count in zip(_BOUNDS, self.buckets, strict=True)]
+        family.add_metric(labels, counts, self.sum)
+
+
+#: Raw values a series keeps before they are folded into its buckets.
+FOLD_EVERY = 1024
+
+
+class _Slot:
+    """The count of one label set (with its outcome), and the raw values of the histograms
+    of its label set without the outcome, which it shares with the other outcomes."""
+
+    __slots__ = ("count", "durations", "histograms", "waits")
+
+    def __init__(self, histograms: tuple[_Histogram, ...]) -> None:
+        self.count = 0
+        self.histograms = histograms
+        self.durations = histograms[0].pending
+        self.waits = histograms[-1].pending
+
+    def fold(self) -> None:
+        for histogram in self.histograms:
+            histogram.fold()
+
+
+class _Counted:
+    """Calls counted by label set and outcome, with ``histograms`` histograms (one or two)
+    per label set of the first two labels (a service or a port, and the method)."""
+
+    def __init__(self, histograms: int) -> None:
+        self.slots: dict[tuple[Any, ...], _Slot] = {}
+        self.series: dict[tuple[Any, ...], tuple[_Histogram, ...]] = {}
+        self._histograms = histograms
+
+    def new_slot(self, key: tuple[Any, ...]) -> _Slot:
+        """The slot of ``key`` (its last item is the outcome), made on its first call."""
+        series = self.series.get(key[:2])
+        if series is None:
+            series = self.series[key[:2]] = tuple(_Histogram() for _ in range(self._histograms))
+        slot = self.slots[key] = _Slot(series)
+        return slot
+
+    def counter(self, name: str, text: str, labels: list[str]) -> CounterMetricFamily:
+        """The family of the counts."""
+        family = CounterMetricFamily(name, text, labels=[*labels, "outcome"])
+        for key, slot in self.slots.copy().items():
+            family.add_metric([str(label) for label in key], slot.count)
+        return family
+
+    def histogram(
+        self, which: int, name: str, text: str, labels: list[str]
+    ) -> HistogramMetricFamily:
+        """The family of histogram ``which`` (0: the first) of every label set."""
+        family = HistogramMetricFamily(name, text, labels=labels)
+        for where, series in self.series.copy().items():
+            series[which].add_to(family, [str(label) for label in where])
+        return family
+
+
 class ClientMetrics:
     """The metrics of the clients it observes and watches, in ``registry`` (default: the
     process's). Attempts are counted in plain dictionaries (no lock, no labelled child to
     look up: the greenlets of a process run one at a time) and turned into metric families
-    at each scrape, from a copy taken at once."""
+    at each scrape. Per attempt: one dictionary look-up and two appends; memory: at most
+    :data:`FOLD_EVERY` raw values per (service, method) and histogram."""
+
+    observes_starts = False  # an attempt is counted when it ends
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
-        self._counts: dict[tuple[str, str, str, str], int] = {}
-        self._buckets: dict[tuple[str, str], list[float]] = {}  # per bucket, then the sum
+        self._counted = _Counted(histograms=2)  # the attempts' durations, then their waits
+        self._slots = self._counted.slots
         self._clients: weakref.WeakSet[ServiceClient] = weakref.WeakSet()
         registry.register(self)
         registry.register(_StatusCollector(self._clients))
 
     def watch(self, client: ServiceClient) -> ServiceClient:
-        """Report ``client``'s ``status()`` at each scrape (until it is garbage)."""
+        """Observe ``client``'s calls and report its ``status()`` at each scrape (until it is
+        garbage)."""
+        client.observe(self)
         self._clients.add(client)
         return client
 
     def attempt_started(self, attempt: Attempt) -> None:
-        """Nothing: an attempt is counted when it ends."""
+        """Nothing: an attempt is counted when it ends (``observes_starts`` is False)."""
 
     def attempt_ended(
         self, attempt: Attempt, outcome: str, duration: float, error: BaseException | None
     ) -> None:
-        """Count the attempt and time it."""
-        key = (attempt.service, attempt.method, attempt.instance, outcome)
-        counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
-        timed = self._buckets.get(key[:2])
-        if timed is None:
-            timed = self._buckets[key[:2]] = [0.0] * (len(BUCKETS) + 2)
-        timed[bisect_left(BUCKETS, duration)] += 1
-        timed[-1] += duration
+        """Count the attempt, and keep its duration and its wait for a connection."""
+        service, method, instance, _, waited = attempt
+        key = (service, method, instance, outcome)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._counted.new_slot(key)
+        slot.count += 1
+        durations = slot.durations
+        durations.append(duration)
+        slot.waits.append(waited)
+        if len(durations) >= FOLD_EVERY:
+            slot.fold()
 
     def collect(self) -> Iterator[Metric]:
-        """The calls counter and the duration histogram, as they are now."""
-        calls = CounterMetricFamily(
+        """The calls counter and the duration and pool-wait histograms, as they are now."""
+        counted = self._counted
+        yield counted.counter(
             "geventpool_client_calls",
             "Attempts of calls, by outcome (retries and hedged backups included).",
-            labels=["service", "method", "instance", "outcome"],
+            ["service", "method", "instance"],
         )
-        for labels, count in self._counts.copy().items():
-            calls.add_metric(list(labels), count)
-        duration = HistogramMetricFamily(
+        yield counted.histogram(
+            0,
             "geventpool_client_call_duration_seconds",
             "Seconds each attempt took, from its send to its end.",
-            labels=["service", "method"],
+            ["service", "method"],
         )
-        for where, counted in self._buckets.copy().items():
-            timed = list(counted)
-            cumulative, buckets = 0.0, []
-            for bound, observed in zip(_BOUNDS, timed[:-1], strict=True):
-                cumulative += observed
-                buckets.append((bound, cumulative))
-            duration.add_metric(list(where), buckets, timed[-1])
-        yield calls
-        yield duration
+        yield counted.histogram(
+            1,
+            "geventpool_client_pool_wait_seconds",
+            "Seconds each attempt waited for its connection (or its turn on a shared one).",
+            ["service", "method"],
+        )
 
 
 class _StatusCollector:
@@ -160,6 +270,21 @@ class _StatusCollector:
         members = GaugeMetricFamily(
             prefix + "instances", "Instances in the client's view.", labels=["service"]
         )
+        in_flight = GaugeMetricFamily(
+            prefix + "calls_in_flight",
+            "Calls sent to the instance and not yet answered.",
+            labels=["service", "instance"],
+        )
+        rejected = GaugeMetricFamily(
+            prefix + "rejected_children",
+            "Children of the service's registry path rejected now (bad payloads).",
+            labels=["service"],
+        )
+        zookeeper = GaugeMetricFamily(
+            prefix + "zookeeper_state",
+            "1 for the client's ZooKeeper connection state now, 0 for the others.",
+            labels=["service", "state"],
+        )
         for client in list(self._clients):
             status = client.status()
             service = status.service
@@ -170,22 +295,29 @@ class _StatusCollector:
                 for name, _, field in _INSTANCE_COUNTERS:
                     counters[name].add_metric(labels, getattr(instance, field))
                 ejected.add_metric(labels, 1.0 if instance.ejected else 0.0)
+                in_flight.add_metric(labels, sum(instance.inflight))
             for name, _, field in _SERVICE_COUNTERS:
                 service_counters[name].add_metric([service], getattr(status, field))
             budget.add_metric([service], status.retry_budget)
             members.add_metric([service], len(status.instances))
+            if status.zookeeper is not None:
+                rejected.add_metric([service], status.rejected)
+                for state in ZOOKEEPER_STATES:
+                    zookeeper.add_metric([service, state], float(state == status.zookeeper))
         yield from gauges.values()
         yield ejected
+        yield in_flight
         yield from counters.values()
         yield from service_counters.values()
         yield budget
         yield members
+        yield rejected
+        yield zookeeper
 
 
 _SERVER_NUMBERS = (
     ("connections", "Connections the server holds now.", "connections", GaugeMetricFamily),
     ("accepted", "Connections the server accepted.", "accepted", CounterMetricFamily),
-    ("calls", "Calls the server ran.", "calls", CounterMetricFamily),
     (
         "handler_errors",
         "Calls whose handler raised an undeclared exception.",
@@ -193,32 +325,88 @@ _SERVER_NUMBERS = (
         CounterMetricFamily,
     ),
     ("killed", "Calls cut short by the drain timeout.", "killed", CounterMetricFamily),
+    (
+        "at_capacity",
+        "Connections accepted as the last of max_connections (more wait in the backlog).",
+        "at_capacity",
+        CounterMetricFamily,
+    ),
 )
+#: Why a server closed a connection for its request: the ``reason`` label of
+#: ``geventpool_server_refused_total`` and the ``ServerStats`` field that counts it.
+_REFUSALS = (("over_limits", "over_limits"), ("malformed", "malformed"))
 
 
 class ServerMetrics:
-    """The numbers of the :class:`~geventpool.server.thrift_server.ThriftServer` instances it
-    watches, read from their ``stats`` at each scrape (``geventpool_server_connections``,
-    ``..._accepted_total``, ``..._calls_total``, ``..._handler_errors_total``,
-    ``..._killed_total``; label ``port``), in ``registry`` (default: the process's)."""
+    """The calls and numbers of :class:`~geventpool.server.thrift_server.ThriftServer`
+    instances, in ``registry`` (default: the process's). As a
+    :class:`~geventpool.server.observing.ServerObserver` (given by :meth:`watch`) it counts
+    every call by port, method and outcome (``geventpool_server_calls_total``) and times its
+    handler (``geventpool_server_call_duration_seconds``, by port and method); at each
+    scrape it reads each watched server's ``stats``: ``geventpool_server_connections``,
+    ``..._accepted_total``, ``..._handler_errors_total``, ``..._killed_total``,
+    ``..._at_capacity_total`` and ``..._refused_total`` (connections closed for a request
+    over the wire limits or malformed, label ``reason``); label ``port``."""
+
+    observes_starts = False  # a call is counted when it ends
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self._counted = _Counted(histograms=1)
+        self._slots = self._counted.slots
         self._servers: weakref.WeakSet[ThriftServer] = weakref.WeakSet()
         registry.register(self)
 
     def watch(self, server: ThriftServer) -> ThriftServer:
-        """Report ``server``'s numbers at each scrape (until it is garbage)."""
+        """Observe ``server``'s calls and report its numbers at each scrape (until it is
+        garbage)."""
+        server.observe(self)
         self._servers.add(server)
         return server
 
+    def call_started(self, call: ServedCall) -> None:
+        """Nothing: a call is counted when it ends (``observes_starts`` is False)."""
+
+    def call_ended(
+        self, call: ServedCall, outcome: str, duration: float, error: BaseException | None
+    ) -> None:
+        """Count the call and keep its duration."""
+        key = (call[0], call[1], outcome)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._counted.new_slot(key)
+        slot.count += 1
+        durations = slot.durations
+        durations.append(duration)
+        if len(durations) >= FOLD_EVERY:
+            slot.fold()
+
     def collect(self) -> Iterator[Metric]:
-        """Each watched server's numbers, as they are now."""
+        """The calls and their durations, and each watched server's numbers, as they are now."""
+        counted = self._counted
+        yield counted.counter(
+            "geventpool_server_calls", "Calls the server ran, by outcome.", ["port", "method"]
+        )
+        yield counted.histogram(
+            0,
+            "geventpool_server_call_duration_seconds",
+            "Seconds each call's handler ran.",
+            ["port", "method"],
+        )
         families = [
             (kind(f"geventpool_server_{name}", text, labels=["port"]), field)
             for name, text, field, kind in _SERVER_NUMBERS
         ]
+        refused = CounterMetricFamily(
+            "geventpool_server_refused",
+            "Connections closed for a request over the wire limits or malformed.",
+            labels=["port", "reason"],
+        )
         for server in list(self._servers):
+            port, stats = str(server.port), server.stats
             for family, field in families:
-                family.add_metric([str(server.port)], getattr(server.stats, field))
+                family.add_metric([port], getattr(stats, field))
+            for reason, field in _REFUSALS:
+                refused.add_metric([port, reason], getattr(stats, field))
         for family, _ in families:
             yield family
+        yield refused

@@ -39,7 +39,7 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -56,7 +56,24 @@ from geventpool import events
 from geventpool.discovery.instance import OUT_OF_ORDER, PIPELINING, Instance
 from geventpool.discovery.registrar import Registrar
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeper, close, connect_or_use
-from geventpool.errors import ConfigurationError, MalformedMessageError, TlsError
+from geventpool.errors import (
+    ConfigurationError,
+    MalformedMessageError,
+    MessageLimitError,
+    TlsError,
+)
+from geventpool.observers import Observers, new_record
+from geventpool.server.observing import (
+    APPLICATION_ERROR,
+    CANCELLED,
+    DECLARED_EXCEPTION,
+    HANDLER_ERROR,
+    OK,
+    UNKNOWN_METHOD,
+    ServedCall,
+    ServerObserver,
+    server_observers,
+)
 from geventpool.tls import ServerTls, handshake
 from geventpool.validation import check_seconds
 from geventpool.wire.arguments import method_spec
@@ -108,13 +125,20 @@ class Registration:
 @dataclass
 class ServerStats:
     """Counters of a server: ``connections`` open now, ``accepted`` and ``calls`` since start,
-    ``handler_errors`` (undeclared exceptions), ``killed`` (calls cut by the drain timeout)."""
+    ``handler_errors`` (undeclared exceptions), ``killed`` (calls cut by the drain timeout),
+    connections closed for a request ``over_limits`` (a
+    :class:`~geventpool.errors.MessageLimitError`) or ``malformed`` (any other
+    :class:`~geventpool.errors.MalformedMessageError`), and connections accepted ``at_capacity``
+    (the last of ``max_connections``: more wait in the backlog)."""
 
     connections: int = 0
     accepted: int = 0
     calls: int = 0
     handler_errors: int = 0
     killed: int = 0
+    over_limits: int = 0
+    malformed: int = 0
+    at_capacity: int = 0
 
 
 class _Connection:
@@ -213,10 +237,16 @@ class _Replies:
 class _Dispatcher:
     """Calls the handler for one request and encodes its answer: the result, a declared
     exception, or a ``TApplicationException`` (unknown method; INTERNAL_ERROR for an
-    undeclared exception or a result that does not fit the IDL, both logged)."""
+    undeclared exception or a result that does not fit the IDL, both logged); tells the
+    ``observers`` (None: none, no cost) each call's start and end. ``port`` is the server's,
+    set once it is bound."""
 
     def __init__(
-        self, service: Any, handler: object, on_failure: Callable[[str, Exception], None]
+        self,
+        service: Any,
+        handler: object,
+        on_failure: Callable[[str, Exception], None],
+        observers: Observers[ServedCall] | None = None,
     ) -> None:
         self._service = service
         self._handler = handler
@@ -224,6 +254,8 @@ class _Dispatcher:
         self._arguments = {name: getattr(service, f"{name}_args") for name in self._methods}
         self._specs = {name: method_spec(service, name) for name in self._methods}
         self._on_failure = on_failure
+        self.observers = observers
+        self.port = 0
 
     def expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any] | None:
         """The spec a request's struct is walked against: its method's arguments (None for an
@@ -245,7 +277,11 @@ class _Dispatcher:
     ) -> bytes | None:
         """The encoded reply to request ``name`` #``seqid`` (None for a oneway call); ``body``
         holds ``values`` values (see :meth:`MessageCodec.decode`)."""
+        observers = self.observers
         if name not in self._methods:
+            if observers is not None:
+                call = new_record(ServedCall, (self.port, name[:64]))
+                observers.ended(call, UNKNOWN_METHOD, 0.0, None)
             failure = TApplicationException(
                 TApplicationException.UNKNOWN_METHOD, f"unknown method {name[:64]!r}"
             )
@@ -253,6 +289,8 @@ class _Dispatcher:
         args = codec.decode(body, self._arguments[name](), values)
         result = getattr(self._service, f"{name}_result")()
         given = [getattr(args, field[1]) for field in args.thrift_spec.values()]
+        if observers is not None:
+            return self._observed(observers, codec, name, seqid, result, given, connection)
         connection.calls += 1
         try:
             value = getattr(self._handler, name)(*given)
@@ -267,6 +305,52 @@ class _Dispatcher:
                 return self._internal_error(codec, name, seqid, error)
         finally:
             connection.calls -= 1
+        return self._reply(codec, name, seqid, result)
+
+    def _observed(  # noqa: PLR0917 - answer's request, decoded
+        self,
+        observers: Observers[ServedCall],
+        codec: MessageCodec,
+        name: str,
+        seqid: int,
+        result: Any,
+        given: list[Any],
+        connection: _Connection,
+    ) -> bytes | None:
+        """:meth:`answer`'s handler call, told to the observers."""
+        call = new_record(ServedCall, (self.port, name))
+        if observers.starts:
+            observers.started(call)
+        outcome = CANCELLED  # as long as nothing else ended it
+        error: BaseException | None = None
+        connection.calls += 1
+        began = time.monotonic()
+        try:
+            try:
+                value = getattr(self._handler, name)(*given)
+            except TApplicationException as failure:
+                outcome, error = APPLICATION_ERROR, failure
+                return codec.encode(name, EXCEPTION, seqid, failure)
+            except Exception as failure:  # noqa: BLE001 - answered, not raised
+                error = failure
+                if not _declared(failure, result):
+                    outcome = HANDLER_ERROR
+                    return self._internal_error(codec, name, seqid, failure)
+                outcome = DECLARED_EXCEPTION
+                return self._reply(codec, name, seqid, result)
+            problem = self._specs[name].result_problem(value)
+            if problem is not None:
+                outcome = HANDLER_ERROR
+                return self._internal_error(codec, name, seqid, TypeError(problem))
+            result.success = value
+            outcome = OK
+            return self._reply(codec, name, seqid, result)
+        finally:
+            connection.calls -= 1
+            observers.ended(call, outcome, time.monotonic() - began, error)
+
+    def _reply(self, codec: MessageCodec, name: str, seqid: int, result: Any) -> bytes | None:
+        """The encoded REPLY carrying ``result`` (None for a oneway call)."""
         if result.oneway:
             return None
         try:
@@ -326,6 +410,7 @@ class ThriftServer:
         request_timeout: float = 60.0,
         concurrency: int = 32,
         tls: ServerTls | None = None,
+        observers: Iterable[ServerObserver] = (),
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
@@ -359,7 +444,13 @@ class ThriftServer:
         MessageCodec(transport, protocol, limits)  # checks both names now
         self._limits = limits
         self._concurrency = concurrency
-        self._dispatcher = _Dispatcher(service, handler, self._handler_failed)
+        self._watching = tuple(observers)
+        self._dispatcher = _Dispatcher(
+            service,
+            handler,
+            self._handler_failed,
+            server_observers(self._watching) if self._watching else None,
+        )
         self._registration = registration
         self._pool = gevent.pool.Pool(max_connections)
         self._connections: set[_Connection] = set()
@@ -376,6 +467,14 @@ class ThriftServer:
         """The port actually bound (known once started)."""
         return self._stream.server_port if self._stream is not None else self._port
 
+    def observe(self, observer: ServerObserver) -> None:
+        """Tell ``observer`` about every call from now on, as those given in ``observers=``
+        are (once, however often it is given)."""
+        if any(observer is known for known in self._watching):
+            return
+        self._watching = (*self._watching, observer)
+        self._dispatcher.observers = server_observers(self._watching)
+
     @property
     def registrar(self) -> Registrar | None:
         """The registrar, once started with a :class:`Registration`."""
@@ -386,6 +485,7 @@ class ThriftServer:
         and the registrar's errors if registration fails (the server is stopped again)."""
         self._stream = StreamServer((self._host, self._port), self._handle, spawn=self._pool)
         self._stream.start()
+        self._dispatcher.port = self.port
         try:
             if self._registration is not None:
                 self._register(self._registration)
@@ -481,6 +581,7 @@ class ThriftServer:
         self.stats.accepted += 1
         self.stats.connections = len(self._connections)
         if self._pool.full():
+            self.stats.at_capacity += 1
             events.emit(
                 events.SERVER_CONNECTION_LIMIT_REACHED,
                 "warning",
@@ -511,6 +612,7 @@ class ThriftServer:
         except (OSError, EOFError):
             pass  # the peer closed, the idle timeout or the drain: the ordinary ends
         except MalformedMessageError as error:
+            self._refused(error)
             events.emit(
                 events.SERVER_CONNECTION_ERROR,
                 "warning",
@@ -623,6 +725,7 @@ class ThriftServer:
         try:
             reply = self._dispatcher.answer(codec, name, seqid, body, values, connection)
         except MalformedMessageError as error:  # undecodable after its walk: drop the peer
+            self._refused(error)
             events.emit(
                 events.SERVER_CONNECTION_ERROR,
                 "warning",
@@ -635,6 +738,12 @@ class ThriftServer:
         if reply is not None and message_type == CALL:
             replies.write(reply)
         connection.answered_at = time.monotonic()
+
+    def _refused(self, error: MalformedMessageError) -> None:
+        if isinstance(error, MessageLimitError):
+            self.stats.over_limits += 1
+        else:
+            self.stats.malformed += 1
 
     def _handler_failed(self, api: str, error: Exception) -> None:
         self.stats.handler_errors += 1
