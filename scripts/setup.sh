@@ -7,6 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-zookeeper.sh
 bash scripts/install-thrift-compiler.sh
+# Debian's chromium: the status page's headless browser test (tests/test_status_page.py).
+if [[ ! -x /usr/bin/chromium ]]; then
+  if [[ $(id -u) -eq 0 ]]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+  else
+    echo "chromium: not installed; as root run: apt-get install -y chromium" >&2
+  fi
+fi
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
