@@ -109,7 +109,11 @@ def violations(graph: Mapping[str, set[str]], top: str) -> list[str]:
     client, server, discovery = f"{top}.client", f"{top}.server", f"{top}.discovery"
     wire, alerts, errors = f"{top}.wire", f"{top}.alerts", f"{top}.errors"
     for module in sorted(graph):
-        integration = module == f"{top}.locust_user" or inside(module, f"{top}.testing")
+        integration = (  # built on the public API, like an application: the command line too
+            module in (f"{top}.locust_user", f"{top}.__main__")
+            or inside(module, f"{top}.testing")
+            or inside(module, f"{top}.cli")
+        )
         if module != top and top in graph[module] and not integration:
             found.append(f"{module} imports the public API {top}: a cycle through it")
         for target, chain in sorted(reachable(graph, module).items()):
@@ -321,11 +325,16 @@ def test_the_docs_name_every_module_of_the_library() -> None:
         assert listed in layout and (PACKAGE / listed).is_dir()
 
 
-def test_only_observe_imports_prometheus_client() -> None:
+@pytest.mark.parametrize(
+    ("library", "home"),
+    [("prometheus_client", "observe/prometheus.py"), ("opentelemetry", "observe/tracing.py")],
+)
+def test_only_observe_imports_the_metrics_and_tracing_libraries(library: str, home: str) -> None:
     package = Path(geventpool.__file__).parent
     importing = sorted(
         str(path.relative_to(package))
         for path in package.rglob("*.py")
-        if re.search(r"^\s*(from|import) prometheus_client", path.read_text(), re.MULTILINE)
+        if re.search(rf"^\s*(from|import) {library}\b", path.read_text(), re.MULTILINE)
     )
-    assert importing == ["observe/prometheus.py"]
+    assert home in importing
+    assert all(name.startswith("observe/") for name in importing), importing
