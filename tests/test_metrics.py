@@ -22,7 +22,7 @@ from geventpool.observe.prometheus import ClientMetrics, ServerMetrics
 from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.wire.limits import WireLimits
-from helpers import native
+from helpers import native, wait_until
 
 pytestmark = pytest.mark.gevent_timeout(30)
 
@@ -153,6 +153,38 @@ def test_a_client_of_a_registry_shows_its_rejected_children_and_zookeeper_state(
     state = "geventpool_client_zookeeper_state"
     assert samples[(state, labels(service="echo", state="CONNECTED"))] == 1
     assert samples[(state, labels(service="echo", state="SUSPENDED"))] == 0
+
+
+def test_the_counts_of_an_instance_that_left_the_view_are_dropped_at_the_scrape(
+    serve: Callable[..., ThriftServer], zk: KazooClient, zk_hosts: str
+) -> None:
+    staying, leaving = serve(), serve()
+    for server in (staying, leaving):
+        zk.create(f"/geventpool/echo/{server.port}", native(port=server.port), makepath=True)
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry)
+    client = metrics.watch(
+        ServiceClient(echo_thrift.Echo, "echo", zookeeper=zk_hosts, balancer="round_robin")
+    )
+    with client:
+        for n in range(4):
+            client.echo(str(n))
+        before = scrape(registry)
+        zk.delete(f"/geventpool/echo/{leaving.port}")
+        wait_until(lambda: len(client.status().instances) == 1)
+        client.echo("after")
+        after = scrape(registry)
+
+    def instances(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+        return {
+            dict(labels)["instance"]
+            for name, labels in samples
+            if name == "geventpool_client_calls_total"
+        }
+
+    gone, kept = f"127.0.0.1:{leaving.port}", f"127.0.0.1:{staying.port}"
+    assert instances(before) == {gone, kept}
+    assert instances(after) == {kept}  # the departed instance's series ended
 
 
 def test_a_scrape_shows_each_watched_servers_calls_durations_and_refusals(

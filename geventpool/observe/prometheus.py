@@ -217,9 +217,23 @@ class ClientMetrics:
         if len(durations) >= FOLD_EVERY:
             slot.fold()
 
+    def _forget_departed(self) -> None:
+        """Drop the counts of instances no longer in their watched client's view."""
+        services: set[str] = set()
+        present: set[tuple[str, str]] = set()
+        for client in list(self._clients):
+            services.add(client.name)
+            present.update((client.name, view.instance) for view in client.status().instances)
+        for key in list(self._slots):
+            if key[0] in services and (key[0], key[2]) not in present:
+                del self._slots[key]
+
     def collect(self) -> Iterator[Metric]:
-        """The calls counter and the duration and pool-wait histograms, as they are now."""
+        """The calls counter and the duration and pool-wait histograms, as they are now.
+        The counts of an instance that has left a watched client's view are dropped (its
+        series end), so instances coming and going do not grow the metrics for ever."""
         counted = self._counted
+        self._forget_departed()
         yield counted.counter(
             "geventpool_client_calls",
             "Attempts of calls, by outcome (retries and hedged backups included).",

@@ -31,9 +31,14 @@ SERVER_OUTCOMES = (
 )
 
 
+#: The method of every call for a method the IDL does not have: the names a peer sends are
+#: not kept (each would be a metric label of its own), and no Thrift identifier looks so.
+UNKNOWN_NAME = "<unknown>"
+
+
 class ServedCall(NamedTuple):
-    """One call a server runs: the server's port and the method (the name the request gave,
-    cut to 64 characters, for an unknown one)."""
+    """One call a server runs: the server's port and the method (:data:`UNKNOWN_NAME` for
+    one the IDL does not have)."""
 
     port: int
     method: str

@@ -70,6 +70,7 @@ from geventpool.server.observing import (
     HANDLER_ERROR,
     OK,
     UNKNOWN_METHOD,
+    UNKNOWN_NAME,
     ServedCall,
     ServerObserver,
     server_observers,
@@ -280,7 +281,7 @@ class _Dispatcher:
         observers = self.observers
         if name not in self._methods:
             if observers is not None:
-                call = new_record(ServedCall, (self.port, name[:64]))
+                call = new_record(ServedCall, (self.port, UNKNOWN_NAME))
                 observers.ended(call, UNKNOWN_METHOD, 0.0, None)
             failure = TApplicationException(
                 TApplicationException.UNKNOWN_METHOD, f"unknown method {name[:64]!r}"
