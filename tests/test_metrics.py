@@ -62,27 +62,27 @@ def test_a_scrape_shows_calls_by_outcome_their_durations_and_the_pools_numbers(
         samples = scrape(registry)
     calls = "geventpool_client_calls_total"
     assert (
-        samples[(calls, labels(service="echo", method="echo", instance=where, outcome="ok"))] == 5
+        samples[(calls, labels(service="echo", method="echo", address=where, outcome="ok"))] == 5
     )
     assert (
         samples[
             (
                 calls,
                 labels(
-                    service="echo", method="refuse", instance=where, outcome="declared_exception"
+                    service="echo", method="refuse", address=where, outcome="declared_exception"
                 ),
             )
         ]
         == 1
     )
-    timeout = labels(service="echo", method="slow_echo", instance=where, outcome="timeout")
+    timeout = labels(service="echo", method="slow_echo", address=where, outcome="timeout")
     assert samples[(calls, timeout)] == 1
     duration = "geventpool_client_call_duration_seconds"
     assert samples[(f"{duration}_count", labels(service="echo", method="echo"))] == 5
     assert (
         samples[(f"{duration}_bucket", labels(service="echo", method="slow_echo", le="0.1"))] == 1
     )
-    pool = labels(service="echo", instance=where)
+    pool = labels(service="echo", address=where)
     assert samples[("geventpool_client_connections_max", pool)] == 3
     assert samples[("geventpool_client_connections_in_use", pool)] == 0
     assert samples[("geventpool_client_instance_ejected", pool)] == 0
@@ -119,10 +119,10 @@ def test_watch_alone_observes_a_client_once_and_shows_waits_and_calls_in_flight(
         assert client.echo("waited") == "waited"  # waits for the slow call's connection
         slow.get()
         after = scrape(registry)
-    pool = labels(service="echo", instance=where)
+    pool = labels(service="echo", address=where)
     assert during[("geventpool_client_calls_in_flight", pool)] == 1
     assert after[("geventpool_client_calls_in_flight", pool)] == 0
-    ok = labels(service="echo", method="echo", instance=where, outcome="ok")
+    ok = labels(service="echo", method="echo", address=where, outcome="ok")
     assert after[("geventpool_client_calls_total", ok)] == 1
     wait = "geventpool_client_pool_wait_seconds"
     echo = labels(service="echo", method="echo")
@@ -177,7 +177,7 @@ def test_the_counts_of_an_instance_that_left_the_view_are_dropped_at_the_scrape(
 
     def instances(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
         return {
-            dict(labels)["instance"]
+            dict(labels)["address"]
             for name, labels in samples
             if name == "geventpool_client_calls_total"
         }

@@ -174,7 +174,7 @@ def test_metrics_is_the_registrys_scrape_in_the_format_asked_for(
         if sample.name == "geventpool_client_calls_total"
     }
     ok = {labels: n for labels, n in calls.items() if ("outcome", "ok") in labels}
-    assert {dict(labels)["instance"] for labels in ok} <= echo.names()
+    assert {dict(labels)["address"] for labels in ok} <= echo.names()
     assert sum(ok.values()) == echo.calls
     assert b"geventpool_server_calls_total" in reply.body
     open_metrics = request(

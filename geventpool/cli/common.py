@@ -21,6 +21,7 @@ from kazoo.client import KazooClient
 
 from geventpool.discovery.instance import Instance
 from geventpool.discovery.zk import DEFAULT_ROOT, ZooKeeperConfig, close, connect
+from geventpool.errors import GeventPoolError
 
 OK, FAILED, USAGE = 0, 1, 2
 """Exit codes: success; a failed check, call or connection; bad usage (argparse's own)."""
@@ -33,7 +34,7 @@ Command = Callable[[argparse.Namespace], int]
 """A command: its parsed arguments to an exit code."""
 
 
-class UsageError(Exception):
+class UsageError(GeventPoolError):
     """What was typed cannot be run (exit code 2); nothing was sent anywhere."""
 
 

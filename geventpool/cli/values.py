@@ -42,6 +42,8 @@ from typing import Any
 
 from thriftpy2.thrift import TType
 
+from geventpool.errors import GeventPoolError
+
 _INTS = frozenset({TType.BYTE, TType.I16, TType.I32, TType.I64})
 _TEXT_KEYS = frozenset({TType.STRING, TType.BOOL, TType.DOUBLE, TType.BINARY, *_INTS})
 _SPECIAL_DOUBLES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -62,7 +64,7 @@ _NAMES = {
 }
 
 
-class JsonValueError(ValueError):
+class JsonValueError(GeventPoolError, ValueError):
     """A JSON value does not fit its Thrift type; the message says where and why."""
 
 

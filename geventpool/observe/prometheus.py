@@ -12,13 +12,14 @@ outcome is one of :data:`~geventpool.client.observing.OUTCOMES` or
 
 Client metrics (names by Prometheus's conventions):
 
-* ``geventpool_client_calls_total`` (counter; ``service``, ``method``, ``instance``,
+* ``geventpool_client_calls_total`` (counter; ``service``, ``method``, ``address``,
   ``outcome``): attempts, retries and hedged backups included;
 * ``geventpool_client_call_duration_seconds`` (histogram; ``service``, ``method``): each
   attempt, from its send to its end;
 * ``geventpool_client_pool_wait_seconds`` (histogram; ``service``, ``method``): each
   attempt's wait for its connection (or its turn on a shared one);
-* per instance (``service``, ``instance``), gauges: ``geventpool_client_connections_in_use``,
+* per instance (``service``, ``address``: the instance's ``host:port``; not ``instance``,
+  which Prometheus gives the scraped process), gauges: ``geventpool_client_connections_in_use``,
   ``..._connections_idle``, ``..._connections_opening``, ``..._connections_max``,
   ``..._waiters``, ``..._calls_in_flight``, ``..._instance_ejected`` (1 or 0),
   ``..._connect_failures`` (the current streak); counters: ``..._ejections_total``,
@@ -72,7 +73,7 @@ _BOUNDS = (*(str(bound) for bound in BUCKETS), "+Inf")  # the buckets' le labels
 ZOOKEEPER_STATES = ("CONNECTED", "SUSPENDED", "LOST")
 
 _INSTANCE_GAUGES = (
-    ("connections_in_use", "Connections to the instance held by callers now.", "in_use"),
+    ("connections_in_use", "Calls holding a connection to the instance now (with pipelining, several share one).", "in_use"),
     ("connections_idle", "Idle connections to the instance.", "idle"),
     ("connections_opening", "Connections to the instance being opened.", "opening"),
     ("connections_max", "The most connections the pool opens to the instance.", "max_connections"),
@@ -237,7 +238,7 @@ class ClientMetrics:
         yield counted.counter(
             "geventpool_client_calls",
             "Attempts of calls, by outcome (retries and hedged backups included).",
-            ["service", "method", "instance"],
+            ["service", "method", "address"],
         )
         yield counted.histogram(
             0,
@@ -262,16 +263,16 @@ class _StatusCollector:
     def collect(self) -> Iterator[Metric]:
         prefix = "geventpool_client_"
         gauges = {
-            name: GaugeMetricFamily(prefix + name, text, labels=["service", "instance"])
+            name: GaugeMetricFamily(prefix + name, text, labels=["service", "address"])
             for name, text, _ in _INSTANCE_GAUGES
         }
         ejected = GaugeMetricFamily(
             prefix + "instance_ejected",
             "1 while the instance is ejected.",
-            labels=["service", "instance"],
+            labels=["service", "address"],
         )
         counters = {
-            name: CounterMetricFamily(prefix + name, text, labels=["service", "instance"])
+            name: CounterMetricFamily(prefix + name, text, labels=["service", "address"])
             for name, text, _ in _INSTANCE_COUNTERS
         }
         service_counters = {
@@ -287,7 +288,7 @@ class _StatusCollector:
         in_flight = GaugeMetricFamily(
             prefix + "calls_in_flight",
             "Calls sent to the instance and not yet answered.",
-            labels=["service", "instance"],
+            labels=["service", "address"],
         )
         rejected = GaugeMetricFamily(
             prefix + "rejected_children",

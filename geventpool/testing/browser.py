@@ -20,6 +20,8 @@ from pathlib import Path
 
 from gevent import subprocess
 
+from geventpool.errors import GeventPoolError
+
 #: Where Debian's ``chromium`` package puts its launcher.
 CHROMIUM = "/usr/bin/chromium"
 _FLAGS = (
@@ -36,7 +38,7 @@ _FLAGS = (
 )
 
 
-class BrowserError(Exception):
+class BrowserError(GeventPoolError):
     """chromium is missing, failed, or ran past its time limit."""
 
 
