@@ -61,9 +61,7 @@ def test_a_scrape_shows_calls_by_outcome_their_durations_and_the_pools_numbers(
             client.slow_echo("late", 0.3, timeout=0.05)
         samples = scrape(registry)
     calls = "geventpool_client_calls_total"
-    assert (
-        samples[(calls, labels(service="echo", method="echo", address=where, outcome="ok"))] == 5
-    )
+    assert samples[(calls, labels(service="echo", method="echo", address=where, outcome="ok"))] == 5
     assert (
         samples[
             (

@@ -73,7 +73,11 @@ _BOUNDS = (*(str(bound) for bound in BUCKETS), "+Inf")  # the buckets' le labels
 ZOOKEEPER_STATES = ("CONNECTED", "SUSPENDED", "LOST")
 
 _INSTANCE_GAUGES = (
-    ("connections_in_use", "Calls holding a connection to the instance now (with pipelining, several share one).", "in_use"),
+    (
+        "connections_in_use",
+        "Calls holding a connection to the instance now (with pipelining, several share one).",
+        "in_use",
+    ),
     ("connections_idle", "Idle connections to the instance.", "idle"),
     ("connections_opening", "Connections to the instance being opened.", "opening"),
     ("connections_max", "The most connections the pool opens to the instance.", "max_connections"),
