@@ -221,3 +221,28 @@ def test_a_scrape_shows_each_watched_servers_calls_durations_and_refusals(
     assert samples[("geventpool_server_handler_errors_total", labels(port=port))] == 1
     assert samples[("geventpool_server_accepted_total", labels(port=port))] >= 4
     assert samples[("geventpool_server_connections", labels(port=port))] >= 1
+
+
+def test_clients_sharing_a_service_name_make_one_valid_series_each(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    server = serve()
+    registry = CollectorRegistry()
+    metrics = ClientMetrics(registry)
+    where = [Instance(host="127.0.0.1", port=server.port)]
+    first = metrics.watch(ServiceClient(echo_thrift.Echo, "echo", instances=where))
+    second = metrics.watch(ServiceClient(echo_thrift.Echo, "echo", instances=where))
+    with first, second:
+        first.echo("a")
+        second.echo("b")
+        text = generate_latest(registry).decode()
+    seen = [
+        (sample.name, tuple(sorted(sample.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+    assert len(seen) == len(set(seen))  # a repeated series makes the scrape invalid
+    samples = scrape(registry)
+    pool = labels(service="echo", address=f"127.0.0.1:{server.port}")
+    assert samples[("geventpool_client_connections_opened_total", pool)] == 2  # summed
+    assert samples[("geventpool_client_instances", labels(service="echo"))] == 1

@@ -23,7 +23,7 @@ from geventpool.discovery.instance import Instance
 from geventpool.errors import CallTimeoutError, RetriesExhaustedError
 from geventpool.server.observing import SERVER_OUTCOMES, ServedCall
 from geventpool.server.thrift_server import ThriftServer
-from geventpool.testing.echo import echo_thrift
+from geventpool.testing.echo import EchoHandler, echo_thrift
 from helpers import events_named
 
 pytestmark = pytest.mark.gevent_timeout(30)
@@ -186,3 +186,66 @@ def test_a_server_tells_each_call_its_method_outcome_and_handler_time(
     ]
     assert {entry[1] for entry in recorder.ended} <= set(SERVER_OUTCOMES)
     assert 0.04 <= recorder.ended[0][2] < 0.5  # the handler's own time
+
+
+class Unlistable(list[Any]):
+    """A list whose iteration raises: the server's check of a result fails on it."""
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("iteration refused")
+
+
+class RefusingHandler(EchoHandler):
+    def items(self, count: int) -> list[Any]:
+        return Unlistable([1])
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_an_observed_server_answers_a_result_it_cannot_check_as_it_would_unobserved(
+    concurrency: int,
+) -> None:
+    recorder = ServerRecorder()
+    server = ThriftServer(
+        echo_thrift.Echo,
+        RefusingHandler("refusing"),
+        concurrency=concurrency,
+        observers=[recorder],
+        deregister_grace=0.0,
+    )
+    server.start()
+    try:
+        with client_of(server, retries=0) as client:
+            with pytest.raises(TApplicationException) as raised:
+                client.items(1, timeout=2.0)
+            assert raised.value.type == TApplicationException.INTERNAL_ERROR
+            assert client.echo("next") == "next"  # the same connection, still in use
+            assert client.status().instances[0].opened == 1
+    finally:
+        server.stop(drain_timeout=1.0)
+    assert [(call.method, outcome) for call, outcome, _, _ in recorder.ended] == [
+        ("items", "handler_error"),
+        ("echo", "ok"),
+    ]
+
+
+class Interrupting:
+    """Its start raises what ends the caller's wait: the attempt is over before it is sent."""
+
+    def attempt_started(self, attempt: Attempt) -> None:
+        raise gevent.Timeout()
+
+    def attempt_ended(self, *args: Any) -> None:
+        pass
+
+
+def test_an_attempt_told_its_start_is_told_its_end_whatever_ends_it(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    server = serve()
+    recorder = Recorder()
+    with client_of(server, observers=[recorder, Interrupting()]) as client:
+        with pytest.raises(gevent.Timeout):
+            client.echo("a")
+        assert client.status().in_use == 0  # the slot went back
+    assert [entry[0] for entry in recorder.told] == ["started", "ended"]
+    assert recorder.told[1][2] == "cancelled"

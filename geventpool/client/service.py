@@ -519,10 +519,10 @@ class ServiceClient:
         assert observers is not None  # called only when there are some
         began = clock()
         attempt = new_record(Attempt, (self.name, method, pool.name, number, began - asked))
-        if observers.starts:
-            observers.started(attempt)
-            began = clock()
-        try:
+        try:  # an attempt told its start is told its end, whatever ends it
+            if observers.starts:
+                observers.started(attempt)
+                began = clock()
             result = pool.call(connection, method, args, kwargs, ends, started=started)
         except BaseException as error:
             observers.ended(attempt, outcome_of(error), clock() - began, error)

@@ -45,9 +45,10 @@ Server metrics (``port``):
 
 from __future__ import annotations
 
+import operator
 import weakref
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -258,80 +259,108 @@ class ClientMetrics:
         )
 
 
+#: The families read from ``status()``: name (after ``geventpool_client_``), kind, help, labels
+#: and how the values of clients that share a service name combine (summed, or the largest).
+_STATUS_FAMILIES: dict[
+    str,
+    tuple[
+        type[GaugeMetricFamily] | type[CounterMetricFamily],
+        str,
+        tuple[str, ...],
+        Callable[..., float],
+    ],
+] = {
+    **{
+        name: (GaugeMetricFamily, text, ("service", "address"), operator.add)
+        for name, text, _ in _INSTANCE_GAUGES
+        if name != "connect_failures"
+    },
+    "connect_failures": (
+        GaugeMetricFamily,
+        "Failures in a row of the instance (its current streak).",
+        ("service", "address"),
+        max,
+    ),
+    "instance_ejected": (
+        GaugeMetricFamily,
+        "1 while the instance is ejected.",
+        ("service", "address"),
+        max,
+    ),
+    "calls_in_flight": (
+        GaugeMetricFamily,
+        "Calls sent to the instance and not yet answered.",
+        ("service", "address"),
+        operator.add,
+    ),
+    **{
+        name: (CounterMetricFamily, text, ("service", "address"), operator.add)
+        for name, text, _ in _INSTANCE_COUNTERS
+    },
+    **{
+        name: (CounterMetricFamily, text, ("service",), operator.add)
+        for name, text, _ in _SERVICE_COUNTERS
+    },
+    "retry_budget": (
+        GaugeMetricFamily,
+        "Retries the budget allows now.",
+        ("service",),
+        operator.add,
+    ),
+    "instances": (GaugeMetricFamily, "Instances in the client's view.", ("service",), max),
+    "rejected_children": (
+        GaugeMetricFamily,
+        "Children of the service's registry path rejected now (bad payloads).",
+        ("service",),
+        max,
+    ),
+    "zookeeper_state": (
+        GaugeMetricFamily,
+        "1 for the client's ZooKeeper connection state now, 0 for the others.",
+        ("service", "state"),
+        max,
+    ),
+}
+
+
 class _StatusCollector:
-    """Reads each watched client's ``status()`` when scraped."""
+    """Reads each watched client's ``status()`` when scraped. Clients that share a service
+    name (and so label sets) are combined into one series each: counts summed, states and
+    streaks the largest (a second series of the same labels would make the scrape invalid)."""
 
     def __init__(self, clients: weakref.WeakSet[ServiceClient]) -> None:
         self._clients = clients
 
     def collect(self) -> Iterator[Metric]:
-        prefix = "geventpool_client_"
-        gauges = {
-            name: GaugeMetricFamily(prefix + name, text, labels=["service", "address"])
-            for name, text, _ in _INSTANCE_GAUGES
-        }
-        ejected = GaugeMetricFamily(
-            prefix + "instance_ejected",
-            "1 while the instance is ejected.",
-            labels=["service", "address"],
-        )
-        counters = {
-            name: CounterMetricFamily(prefix + name, text, labels=["service", "address"])
-            for name, text, _ in _INSTANCE_COUNTERS
-        }
-        service_counters = {
-            name: CounterMetricFamily(prefix + name, text, labels=["service"])
-            for name, text, _ in _SERVICE_COUNTERS
-        }
-        budget = GaugeMetricFamily(
-            prefix + "retry_budget", "Retries the budget allows now.", labels=["service"]
-        )
-        members = GaugeMetricFamily(
-            prefix + "instances", "Instances in the client's view.", labels=["service"]
-        )
-        in_flight = GaugeMetricFamily(
-            prefix + "calls_in_flight",
-            "Calls sent to the instance and not yet answered.",
-            labels=["service", "address"],
-        )
-        rejected = GaugeMetricFamily(
-            prefix + "rejected_children",
-            "Children of the service's registry path rejected now (bad payloads).",
-            labels=["service"],
-        )
-        zookeeper = GaugeMetricFamily(
-            prefix + "zookeeper_state",
-            "1 for the client's ZooKeeper connection state now, 0 for the others.",
-            labels=["service", "state"],
-        )
+        values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in _STATUS_FAMILIES}
+
+        def add(name: str, labels: tuple[str, ...], value: float) -> None:
+            series = values[name]
+            known = series.get(labels)
+            series[labels] = value if known is None else _STATUS_FAMILIES[name][3](known, value)
+
         for client in list(self._clients):
             status = client.status()
             service = status.service
             for instance in status.instances:
-                labels = [service, instance.instance]
-                for name, _, field in _INSTANCE_GAUGES:
-                    gauges[name].add_metric(labels, getattr(instance, field))
-                for name, _, field in _INSTANCE_COUNTERS:
-                    counters[name].add_metric(labels, getattr(instance, field))
-                ejected.add_metric(labels, 1.0 if instance.ejected else 0.0)
-                in_flight.add_metric(labels, sum(instance.inflight))
+                labels = (service, instance.instance)
+                for name, _, field in (*_INSTANCE_GAUGES, *_INSTANCE_COUNTERS):
+                    add(name, labels, getattr(instance, field))
+                add("instance_ejected", labels, 1.0 if instance.ejected else 0.0)
+                add("calls_in_flight", labels, sum(instance.inflight))
             for name, _, field in _SERVICE_COUNTERS:
-                service_counters[name].add_metric([service], getattr(status, field))
-            budget.add_metric([service], status.retry_budget)
-            members.add_metric([service], len(status.instances))
+                add(name, (service,), getattr(status, field))
+            add("retry_budget", (service,), status.retry_budget)
+            add("instances", (service,), len(status.instances))
             if status.zookeeper is not None:
-                rejected.add_metric([service], status.rejected)
+                add("rejected_children", (service,), status.rejected)
                 for state in ZOOKEEPER_STATES:
-                    zookeeper.add_metric([service, state], float(state == status.zookeeper))
-        yield from gauges.values()
-        yield ejected
-        yield in_flight
-        yield from counters.values()
-        yield from service_counters.values()
-        yield budget
-        yield members
-        yield rejected
-        yield zookeeper
+                    add("zookeeper_state", (service, state), float(state == status.zookeeper))
+        for name, (kind, text, names, _) in _STATUS_FAMILIES.items():
+            family = kind(f"geventpool_client_{name}", text, labels=list(names))
+            for where, value in values[name].items():
+                family.add_metric(list(where), value)
+            yield family
 
 
 _SERVER_NUMBERS = (

@@ -290,74 +290,54 @@ class _Dispatcher:
         args = codec.decode(body, self._arguments[name](), values)
         result = getattr(self._service, f"{name}_result")()
         given = [getattr(args, field[1]) for field in args.thrift_spec.values()]
-        if observers is not None:
-            return self._observed(observers, codec, name, seqid, result, given, connection)
-        connection.calls += 1
+        if observers is None:
+            return self._run(codec, name, seqid, result, given, connection)[0]
+        call = new_record(ServedCall, (self.port, name))
+        if observers.starts:
+            observers.started(call)
+        outcome: str = CANCELLED  # as long as nothing else ended it
+        error: BaseException | None = None
+        began = time.monotonic()
         try:
-            value = getattr(self._handler, name)(*given)
-            problem = self._specs[name].result_problem(value)
-            if problem is not None:  # the codec would truncate or refuse it: not sent
-                return self._internal_error(codec, name, seqid, TypeError(problem))
-            result.success = value
-        except TApplicationException as error:
-            return codec.encode(name, EXCEPTION, seqid, error)
-        except Exception as error:  # noqa: BLE001 - answered, not raised
-            if not _declared(error, result):
-                return self._internal_error(codec, name, seqid, error)
+            reply, outcome, error = self._run(codec, name, seqid, result, given, connection)
+            return reply
         finally:
-            connection.calls -= 1
-        return self._reply(codec, name, seqid, result)
+            observers.ended(call, outcome, time.monotonic() - began, error)
 
-    def _observed(  # noqa: PLR0917 - answer's request, decoded
+    def _run(  # noqa: PLR0917 - answer's request, decoded
         self,
-        observers: Observers[ServedCall],
         codec: MessageCodec,
         name: str,
         seqid: int,
         result: Any,
         given: list[Any],
         connection: _Connection,
-    ) -> bytes | None:
-        """:meth:`answer`'s handler call, told to the observers."""
-        call = new_record(ServedCall, (self.port, name))
-        if observers.starts:
-            observers.started(call)
-        outcome = CANCELLED  # as long as nothing else ended it
-        error: BaseException | None = None
+    ) -> tuple[bytes | None, str, Exception | None]:
+        """Run the handler: the encoded answer (None for a oneway call), the call's outcome
+        and what the handler raised."""
         connection.calls += 1
-        began = time.monotonic()
         try:
-            try:
-                value = getattr(self._handler, name)(*given)
-            except TApplicationException as failure:
-                outcome, error = APPLICATION_ERROR, failure
-                return codec.encode(name, EXCEPTION, seqid, failure)
-            except Exception as failure:  # noqa: BLE001 - answered, not raised
-                error = failure
-                if not _declared(failure, result):
-                    outcome = HANDLER_ERROR
-                    return self._internal_error(codec, name, seqid, failure)
-                outcome = DECLARED_EXCEPTION
-                return self._reply(codec, name, seqid, result)
+            value = getattr(self._handler, name)(*given)
             problem = self._specs[name].result_problem(value)
-            if problem is not None:
-                outcome = HANDLER_ERROR
-                return self._internal_error(codec, name, seqid, TypeError(problem))
+            if problem is not None:  # the codec would truncate or refuse it: not sent
+                failed = TypeError(problem)
+                return self._internal_error(codec, name, seqid, failed), HANDLER_ERROR, failed
             result.success = value
-            outcome = OK
-            return self._reply(codec, name, seqid, result)
+            outcome, raised = OK, None
+        except TApplicationException as error:
+            return codec.encode(name, EXCEPTION, seqid, error), APPLICATION_ERROR, error
+        except Exception as error:  # noqa: BLE001 - answered, not raised
+            if not _declared(error, result):
+                return self._internal_error(codec, name, seqid, error), HANDLER_ERROR, error
+            outcome, raised = DECLARED_EXCEPTION, error
         finally:
             connection.calls -= 1
-            observers.ended(call, outcome, time.monotonic() - began, error)
-
-    def _reply(self, codec: MessageCodec, name: str, seqid: int, result: Any) -> bytes | None:
-        """The encoded REPLY carrying ``result`` (None for a oneway call)."""
         if result.oneway:
-            return None
+            return None, outcome, raised
         try:
-            return codec.encode(name, REPLY, seqid, result)
+            return codec.encode(name, REPLY, seqid, result), outcome, raised
         except Exception as error:  # noqa: BLE001 - the handler returned what the IDL does not allow
-            return self._internal_error(codec, name, seqid, error)
+            return self._internal_error(codec, name, seqid, error), HANDLER_ERROR, error
 
     def _internal_error(
         self, codec: MessageCodec, name: str, seqid: int, error: Exception
