@@ -5,6 +5,7 @@ in a real headless browser (Debian's chromium): the DOM after the page's script 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 from gevent.pywsgi import WSGIServer
 from kazoo.client import KazooClient
@@ -232,6 +234,30 @@ def test_a_connection_left_idle_is_closed_and_bad_settings_are_refused(
     for bad in ({"max_connections": 0}, {"max_connections": True}, {"idle_timeout": 0}):
         with pytest.raises(ConfigurationError):
             serve_status(**bad)
+
+
+def test_clients_trickling_their_requests_cannot_hold_every_slot(
+    web: Callable[..., WSGIServer],
+) -> None:
+    server = web(max_connections=2, idle_timeout=0.5)
+    trickling = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(2)]
+
+    def trickle(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            for byte in b"GET /status HTTP/1.1\r\nHost: x\r\n":  # never the blank line
+                sock.sendall(bytes([byte]))
+                gevent.sleep(0.1)  # a byte well within the per-read timeout
+
+    senders = [gevent.spawn(trickle, sock) for sock in trickling]
+    try:
+        gevent.sleep(0.2)  # both slots are taken
+        began = time.monotonic()
+        assert request(server, "/status").status == 200
+        assert time.monotonic() - began < 2.5  # served once the tricklers' time ran out
+    finally:
+        gevent.killall(senders)
+        for sock in trickling:
+            sock.close()
 
 
 def test_the_page_is_self_contained() -> None:

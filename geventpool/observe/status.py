@@ -185,12 +185,19 @@ def serve_status(
 
 
 def _handler_with_timeout(seconds: float) -> type[Any]:
-    """gevent's WSGI handler whose socket times out after ``seconds`` without progress."""
+    """gevent's WSGI handler that gives each request, from the first byte of its head to the
+    last of its answer (or the wait for the next one on a kept-alive connection), at most
+    ``seconds``: a client that trickles its head a byte at a time cannot hold a slot."""
 
     class Handler(WSGIHandler):  # type: ignore[misc]  # gevent is untyped
         def handle(self) -> None:
             self.socket.settimeout(seconds)
             super().handle()
+
+        def handle_one_request(self) -> Any:
+            with gevent.Timeout(seconds, False):
+                return super().handle_one_request()
+            return None  # over time: the connection ends
 
     return Handler
 
