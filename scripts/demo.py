@@ -15,7 +15,8 @@ with 60 greenlets for about 12 seconds while it:
 
 printing once a second the calls per second and the connections they share (the client
 pipelines: the servers advertise out-of-order replies), errors by type, each instance's share
-and pool state. Everything it started is stopped at the end, also on Ctrl-C or failure, and a
+and pool state; its status page (live instances and pools, Prometheus metrics) is served on
+127.0.0.1 while it runs, and the summary reads the metrics from it. Everything it started is stopped at the end, also on Ctrl-C or failure, and a
 summary is printed. Exits 0 when the run behaved as designed: no call of the steady callers
 failed through the kill and the freeze (only the flood may be refused), and the alerts fired
 and resolved.
@@ -31,12 +32,16 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import urllib.request  # noqa: E402
 from collections import Counter  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import structlog  # noqa: E402
+from prometheus_client import CollectorRegistry  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from geventpool.alerts.alerter import Alerter  # noqa: E402
 from geventpool.alerts.channels import WebhookChannel  # noqa: E402
@@ -45,6 +50,8 @@ from geventpool.client.pool import PoolSettings  # noqa: E402
 from geventpool.client.retrying import Retry  # noqa: E402
 from geventpool.client.service import ServiceClient  # noqa: E402
 from geventpool.errors import GeventPoolError  # noqa: E402
+from geventpool.observe.prometheus import ClientMetrics  # noqa: E402
+from geventpool.observe.status import serve_status  # noqa: E402
 from geventpool.secret import Secret  # noqa: E402
 from geventpool.testing.echo import echo_thrift  # noqa: E402
 from geventpool.testing.http_receiver import HttpReceiver  # noqa: E402
@@ -145,6 +152,23 @@ def show_alerts(webhook: HttpReceiver) -> None:
         seen = len(webhook.requests)
 
 
+def metric_totals(text: str) -> dict[str, Any]:
+    """From a scrape: attempts by outcome, ejections and exhausted calls, summed."""
+    totals: dict[str, Any] = {"calls": Counter()}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "geventpool_client_calls_total":
+                totals["calls"][sample.labels["outcome"]] += int(sample.value)
+            elif sample.name in (
+                "geventpool_client_ejections_total",
+                "geventpool_client_exhausted_total",
+            ):
+                key = sample.name.split("_")[2]
+                totals[key] = totals.get(key, 0.0) + sample.value
+    totals["calls"] = dict(totals["calls"])
+    return totals
+
+
 def main() -> int:
     structlog.configure(
         processors=[
@@ -204,6 +228,12 @@ def main() -> int:
         )
         client.start()
         stack.callback(client.stop)
+        registry = CollectorRegistry()
+        ClientMetrics(registry).watch(client)
+        status_page = serve_status(clients=[client], registry=registry)
+        stack.callback(status_page.stop)
+        page = f"http://127.0.0.1:{status_page.server_port}"
+        say(f"status page at {page}/ (JSON at /status, Prometheus metrics at /metrics)")
         say(f"client sees {len(client.status().instances)} instances; {CALLERS} callers start")
         workers = [gevent.spawn(caller, client, tally) for _ in range(CALLERS)]
         workers.append(gevent.spawn(report, client, tally))
@@ -248,6 +278,8 @@ def main() -> int:
         gevent.killall(workers)  # callers first, so that stopping servers fails no call
         final = client.status()
         alerts = [request.json() for request in webhook.requests]
+        with urllib.request.urlopen(f"{page}/metrics", timeout=10) as answer:
+            scraped = metric_totals(answer.read().decode())
 
     print("\nsummary")
     print(f"  successful calls: {tally.total_ok}")
@@ -266,6 +298,11 @@ def main() -> int:
     print(f"  calls refused as exhausted: {final.exhausted}")
     told = [(a["status"], a["condition"]) for a in alerts]
     print(f"  alerts delivered to the webhook: {told}")
+    print(
+        "  scraped from the status endpoint: attempts by outcome (instances still in view)"
+        f" {scraped.get('calls', {})}, ejections {scraped.get('ejections', 0):.0f},"
+        f" exhausted {scraped.get('exhausted', 0):.0f}"
+    )
     print("  everything the demo started is stopped")
     behaved = (
         tally.total_ok > 0
@@ -277,6 +314,7 @@ def main() -> int:
         and ("firing", "pool_exhausted") in told
         and ("resolved", "pool_exhausted") in told
         and ("firing", "instance_unresponsive") in told
+        and scraped.get("exhausted") == final.exhausted
     )
     print(f"  verdict: {'as designed' if behaved else 'NOT as designed'}")
     return 0 if behaved else 1

@@ -249,3 +249,16 @@ def test_an_attempt_told_its_start_is_told_its_end_whatever_ends_it(
         assert client.status().in_use == 0  # the slot went back
     assert [entry[0] for entry in recorder.told] == ["started", "ended"]
     assert recorder.told[1][2] == "cancelled"
+
+
+def test_each_call_on_a_borrowed_connection_is_an_attempt_told_to_the_observers(
+    serve: Callable[..., ThriftServer],
+) -> None:
+    server = serve()
+    recorder = Recorder()
+    with client_of(server, observers=[recorder]) as client, client.connection() as pinned:
+        assert pinned.echo("a") == "a"
+        with pytest.raises(echo_thrift.Refused):
+            pinned.refuse("no")
+    ended = [(e[1].method, e[1].attempt, e[2]) for e in recorder.told if e[0] == "ended"]
+    assert ended == [("echo", 1, "ok"), ("refuse", 1, "declared_exception")]

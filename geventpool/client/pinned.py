@@ -29,8 +29,12 @@ class PinnedConnection:
         limit: float,
         clock: Callable[[], float],
         methods: frozenset[str],
+        *,
+        call: Callable[[PooledConnection, str, tuple[Any, ...], dict[str, Any], float], Any]
+        | None = None,
     ) -> None:
         self._methods = methods
+        self._call = pool.call if call is None else call  # the client's, when it observes
         self.returned = False
         self._calling = False
         self._pool = pool
@@ -57,7 +61,7 @@ class PinnedConnection:
             deadline = self._clock() + self._limit
             self._calling = True
             try:
-                return self._pool.call(self._connection, method, args, kwargs, deadline)
+                return self._call(self._connection, method, args, kwargs, deadline)
             finally:
                 self._calling = False
 

@@ -541,7 +541,22 @@ class ServiceClient:
             self._ensure_started()
         limit = self._call_timeout if timeout is None else timeout
         pool, connection = self._checkout(self._clock() + limit)
-        pinned = PinnedConnection(pool, connection, limit, self._clock, self._methods)
+        observed = None
+        if self._observers is not None:
+
+            def observed(
+                connection: PooledConnection,
+                method: str,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                deadline: float,
+            ) -> Any:  # each call on the borrowed connection is an attempt of its own
+                now = self._clock()
+                return self._observed(pool, connection, method, args, kwargs, deadline, 1, now)
+
+        pinned = PinnedConnection(
+            pool, connection, limit, self._clock, self._methods, call=observed
+        )
         try:
             yield pinned
         finally:
