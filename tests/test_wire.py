@@ -20,8 +20,8 @@ from geventpool.testing.echo import echo_thrift
 from geventpool.testing.hostile_server import mutate
 from geventpool.wire.arguments import method_spec
 from geventpool.wire.limits import WireLimits
-from geventpool.wire.messages import OFF_HUB_VALUES, REPLY, MessageCodec
-from geventpool.wire.scan import PAUSE_EVERY, IncompleteMessageError
+from geventpool.wire.messages import OFF_HUB_BYTES, OFF_HUB_VALUES, REPLY, MessageCodec
+from geventpool.wire.scan import PAUSE_EVERY, UTF8_CHUNK, IncompleteMessageError
 
 types_thrift = thriftpy2.load(
     str(Path(__file__).with_name("idl") / "wire_types.thrift"), module_name="wire_types_thrift"
@@ -255,6 +255,59 @@ def test_the_walk_pauses_every_few_thousand_values(protocol: str) -> None:
     pauses: list[int] = []
     codec.split(data, expect(Outer.thrift_spec), pause=lambda: pauses.append(1))
     assert len(pauses) >= 100_000 // PAUSE_EVERY
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_long_string_is_checked_for_utf8_piece_by_piece_with_pauses(protocol: str) -> None:
+    """16 MB of text not UTF-8 at its end held the hub 51-55 ms in one decode: it is checked
+    UTF8_CHUNK bytes at a time, pausing between two pieces."""
+    codec = MessageCodec("buffered", protocol)
+    data = bytearray(codec.encode("m", REPLY, 1, Outer(inners=[Inner(s="é" * 2_000_000)])))
+    last = data.rfind("é".encode())
+    data[last : last + 2] = b"\xff\xff"  # the string's last character, broken
+    pauses: list[int] = []
+    with pytest.raises(MalformedMessageError, match="not UTF-8"):
+        codec.split(data, expect(Outer.thrift_spec), pause=lambda: pauses.append(1))
+    assert len(pauses) >= 4_000_000 // UTF8_CHUNK - 1
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_struct_of_few_values_but_many_bytes_is_decoded_off_the_hub(
+    protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codec = MessageCodec("buffered", protocol)
+    data = codec.encode("m", REPLY, 1, Outer(inners=[Inner(s="é" * 600_000)]))
+    *_, body, _, values = codec.split(data, expect(Outer.thrift_spec))
+    assert values < OFF_HUB_VALUES and len(body) > OFF_HUB_BYTES
+    apart: list[int] = []
+    decode_apart = codec._decode_apart
+
+    def counted(*args: Any) -> Any:
+        apart.append(1)
+        return decode_apart(*args)
+
+    monkeypatch.setattr(codec, "_decode_apart", counted)
+    assert codec.decode(body, Outer(), values).inners[0].s == "é" * 600_000
+    assert apart == [1]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_decode_failing_off_the_hub_is_raised_to_its_caller_alone(
+    protocol: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """What the decoder still objects to (a key the compact decoder decodes while skipping)
+    is raised in the caller's greenlet, not printed by gevent's thread pool."""
+    codec = MessageCodec("buffered", protocol)
+    data = bytearray(codec.encode("m", REPLY, 1, Outer(inners=[Inner(s="é" * 600_000)])))
+    *_, body, _, values = codec.split(bytes(data), expect(Outer.thrift_spec))
+    broken = bytearray(body)
+    last = broken.rfind("é".encode())
+    broken[last : last + 2] = b"\xff\xff"  # past the walk's check: the decoder finds it
+    capfd.readouterr()
+    with pytest.raises(MalformedMessageError, match="not UTF-8"):
+        codec.decode(bytes(broken), Outer(), values)
+    gevent.sleep(0.05)  # whatever the pool would print, it has printed
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -73,6 +73,12 @@ codec, 0.85 us with the pure-Python compact one), and 2,000,000 values held the 
 In a thread, the hub gets the interpreter lock back every few milliseconds; the hand-off costs
 about 0.1 ms, under 3% of decoding that many values."""
 
+OFF_HUB_BYTES = 1 << 20
+"""A struct of more bytes than this is decoded in gevent's thread pool too, however few its
+values: the pure-Python compact codec decodes 1 MiB of strings in milliseconds (16 MB of map
+keys held the hub 67-97 ms). One C call of the Cython codec (a single long string) still
+holds the interpreter lock while it runs: that is bounded by ``max_string_size``."""
+
 
 class MessageCodec:
     """Messages of one ``transport`` and ``protocol``, checked against ``limits``."""
@@ -259,24 +265,31 @@ class MessageCodec:
 
     def decode(self, body: bytes, obj: Any, values: int = 0) -> Any:
         """Fill the thriftpy2 struct ``obj`` from a ``body`` that :meth:`split` checked and
-        counted ``values`` in; above :data:`OFF_HUB_VALUES`, in gevent's thread pool (the
-        calling greenlet waits; the others run)."""
-        if values > OFF_HUB_VALUES:
-            return gevent.get_hub().threadpool.apply(self._decode_apart, (body, obj))
+        counted ``values`` in; above :data:`OFF_HUB_VALUES` or :data:`OFF_HUB_BYTES`, in
+        gevent's thread pool (the calling greenlet waits; the others run)."""
+        if values > OFF_HUB_VALUES or len(body) > OFF_HUB_BYTES:
+            decoded, failure = gevent.get_hub().threadpool.apply(self._decode_apart, (body, obj))
+            if failure is not None:  # raised here, in the caller's greenlet: gevent's thread
+                raise failure  # pool would print a traceback of its own for it
+            return decoded
         if self._compact:
             return _read(TCompactProtocol(TMemoryBuffer(body), strict_decode=True), obj)
         self._in.setvalue(body)  # no yield until the struct is read: safe to share
         return _read(self._reader, obj)
 
-    def _decode_apart(self, body: bytes, obj: Any) -> Any:
-        """:meth:`decode` in another thread, with a reader of its own."""
+    def _decode_apart(self, body: bytes, obj: Any) -> tuple[Any, Exception | None]:
+        """:meth:`decode` in another thread, with a reader of its own: the struct, or what
+        decoding it raised."""
         reader: Any
         if self._compact:
             reader = TCompactProtocol(TMemoryBuffer(body), strict_decode=True)
         else:
             depth = self.limits.max_depth + 1
             reader = TCyBinaryProtocol(TCyMemoryBuffer(body), strict_decode=True, max_depth=depth)
-        return _read(reader, obj)
+        try:
+            return _read(reader, obj), None
+        except Exception as failure:  # noqa: BLE001 - handed to the caller's greenlet
+            return None, failure
 
 
 def _read(reader: Any, obj: Any) -> Any:

@@ -26,6 +26,7 @@ message does not hold the hub while it is walked.
 
 from __future__ import annotations
 
+import codecs
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ raise (:class:`IncompleteMessageError`, :class:`~geventpool.errors.MalformedMess
 the receiver's own error)."""
 
 PAUSE_EVERY = 4096  # values walked between two calls of ``pause``
+UTF8_CHUNK = 1 << 20  # bytes of a string checked for UTF-8 between two calls of ``pause``
 
 
 class IncompleteMessageError(GeventPoolError):
@@ -289,7 +291,7 @@ class StructWalker:
             if pos > n:
                 self._need(pos)
             if ttype == STRING:
-                _check_utf8(self._buf, start, pos)
+                _check_utf8(self._buf, start, pos, self._pause)
             return pos
         if ttype == STRUCT:
             inner = spec.thrift_spec if spec is not None else None
@@ -403,7 +405,7 @@ class StructWalker:
             self._charge(1)
             end = self._step(after, length, n)
             if ttype == STRING:  # declared a string: the decoder decodes it
-                _check_utf8(self._buf, after, end)
+                _check_utf8(self._buf, after, end, self._pause)
             return end
         if ttype == STRUCT:
             inner = spec.thrift_spec if spec is not None else None
@@ -485,19 +487,36 @@ def _skipped(ttype: int) -> int:
     return BINARY if ttype == STRING else ttype
 
 
-def _check_utf8(buf: bytes | bytearray, start: int, end: int) -> None:
+def _check_utf8(
+    buf: bytes | bytearray, start: int, end: int, pause: Callable[[], object] | None = None
+) -> None:
     """A value the decoder will decode as a string must be UTF-8: found here, before a
-    long decode would fail at its end."""
-    text = buf[start:end]
-    if text.isascii():
+    long decode would fail at its end. A long one is checked :data:`UTF8_CHUNK` bytes at a
+    time, with ``pause`` between two pieces (16 MB of text is 30 ms or more of decoding)."""
+    if end - start <= UTF8_CHUNK:  # the usual case: one piece
+        text = buf[start:end]
+        if not text.isascii():
+            try:
+                text.decode()
+            except UnicodeDecodeError as error:
+                raise _not_utf8(error, start) from None
         return
-    try:
-        text.decode()
-    except UnicodeDecodeError as error:
-        raise MalformedMessageError(
-            f"a string field is not UTF-8 ({error.reason} at byte {start + error.start});"
-            " declare it binary to receive bytes"
-        ) from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for at in range(start, end, UTF8_CHUNK):
+        last = at + UTF8_CHUNK >= end
+        try:
+            decoder.decode(buf[at : min(at + UTF8_CHUNK, end)], last)
+        except UnicodeDecodeError as error:
+            raise _not_utf8(error, at) from None
+        if not last and pause is not None:
+            pause()
+
+
+def _not_utf8(error: UnicodeDecodeError, offset: int) -> MalformedMessageError:
+    return MalformedMessageError(
+        f"a string field is not UTF-8 ({error.reason} at byte {offset + error.start});"
+        " declare it binary to receive bytes"
+    )
 
 
 def _check_binary_type(ttype: int, pos: int) -> None:
