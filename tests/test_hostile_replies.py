@@ -114,6 +114,23 @@ def test_bytes_after_a_reply_close_the_connection_and_never_reach_the_next_call(
     assert client.echo("ok:mine") == "mine"
 
 
+@pytest.mark.parametrize(
+    ("transport", "mode"),
+    [("framed", "claim-frame:1000000"), ("buffered", "claim-string:1000000")],
+)
+def test_a_reply_left_half_sent_costs_the_next_pipelined_calls_nothing(
+    client_of: Callable[..., ServiceClient], transport: str, mode: str
+) -> None:
+    """A reply that stops halfway blocks every reply behind it on a pipelined connection:
+    once its caller left, the connection takes no new call (it took 17 more, each timing
+    out, until it was found stuck 5 s later)."""
+    client = client_of(transport, "binary", max_inflight=4)
+    assert client.echo("ok:warm") == "warm"
+    with pytest.raises(CallTimeoutError):
+        client.echo(mode, timeout=0.3)
+    assert [client.echo(f"ok:{n}", timeout=0.3) for n in range(5)] == [str(n) for n in range(5)]
+
+
 @pytest.mark.parametrize(("transport", "protocol"), CODECS)
 def test_a_late_duplicate_reply_never_reaches_the_next_call(
     client_of: Callable[..., ServiceClient], transport: str, protocol: str

@@ -20,10 +20,12 @@ before anything is written; every failure is typed), for any number of concurren
   back (``sent=False``); one in the batch the writer has begun to write is committed (it
   leaves with the batch once the peer reads: ``sent=True``, it may run), and its late reply,
   like any other, is recognised by its sequence id and dropped. A late call keeps no request
-  bytes. The connection stays in service, unless its late replies pile up. One that owes
-  more than :data:`MAX_LATE` of them retires: it takes no new call, its calls in flight end
-  as they would, and it closes when the last one does (their callers left: not the
-  instance's failure). One whose oldest late reply is overdue by ``stuck_after`` seconds is
+  bytes. The connection stays in service, unless its late replies pile up or the reader is
+  partway through the late reply (nothing behind it can be read until its rest comes, and a
+  hostile or broken server may never send it). One that owes more than :data:`MAX_LATE` late
+  replies, or whose partly read reply's caller left, retires: it takes no new call, its calls
+  in flight end as they would, and it closes when the last one does (their callers left: not
+  the instance's failure). One whose oldest late reply is overdue by ``stuck_after`` seconds is
   stuck (:meth:`overdue`): the instance did not answer, and the pool breaks it.
 * **A break fails every call at once.** When the connection breaks (reset, end of file, a
   protocol violation, stuck), each call whose request was written gets a
@@ -124,6 +126,7 @@ class PipelinedConnection:
         self._writing: list[_Call] = []  # the batch being written now
         self._pending: dict[int, _Call] = {}  # seqid -> call awaiting its reply
         self._late: dict[int, _Call] = {}  # seqid -> call whose caller left; reply dropped
+        self._reading = 0  # the seqid of the reply being read, once its header was read (or 0)
         self._wake = Event()
         self._hub = get_hub()
         self.created_at = self.last_used = clock()
@@ -203,9 +206,16 @@ class PipelinedConnection:
             return False
         if self._pending.pop(call.seqid, None) is not None:
             self._late[call.seqid] = call
-            if len(self._late) > MAX_LATE:
+            if len(self._late) > MAX_LATE or self._stalled_by(call):
                 self.expires_at = float("-inf")  # retires: no new call (see the module)
         return True
+
+    def _stalled_by(self, call: _Call) -> bool:
+        """Whether the reader is partway through ``call``'s reply (or through a message whose
+        header it has not read yet, a frame arriving): nothing behind it can be read before
+        its rest comes, if it ever does."""
+        reading = self._reading
+        return reading == call.seqid or (not reading and bool(self._buffer))
 
     # -- the writer and the reader ---------------------------------------------------------------
 
@@ -274,6 +284,7 @@ class PipelinedConnection:
                 _, message_type, seqid, body, size, values = codec.split(
                     buffer, expect, more, let_others_run
                 )
+                self._reading = 0
                 del buffer[:size]
                 handled += size + _REPLY_WEIGHT
                 if handled > _YIELD_AFTER:
@@ -296,7 +307,9 @@ class PipelinedConnection:
         if call is None or not call.written:
             what = "no call" if call is None else "a call not sent yet"
             raise MalformedMessageError(f"a reply to {what}: {name[:64]!r} #{seqid}")
-        return reply_spec(call.spec, seqid, name, message_type, seqid)
+        spec = reply_spec(call.spec, seqid, name, message_type, seqid)
+        self._reading = seqid
+        return spec
 
     # -- breaking ----------------------------------------------------------------------------------
 
