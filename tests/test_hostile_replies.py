@@ -6,13 +6,14 @@ callers, and the next call gets its own reply."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import gevent
 import pytest
 from thriftpy2.thrift import TApplicationException
 
+from geventpool import events
 from geventpool.client.pool import PoolSettings
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
@@ -26,6 +27,7 @@ from geventpool.server.thrift_server import ThriftServer
 from geventpool.testing.echo import echo_thrift
 from geventpool.testing.processes import ServerProcess
 from geventpool.wire.limits import WireLimits
+from helpers import events_named
 
 CODECS = [
     ("buffered", "binary"),
@@ -106,12 +108,29 @@ def test_a_reply_to_another_call_never_reaches_the_caller(
 
 @pytest.mark.parametrize(("transport", "protocol"), CODECS)
 def test_bytes_after_a_reply_close_the_connection_and_never_reach_the_next_call(
-    client_of: Callable[..., ServiceClient], transport: str, protocol: str
+    client_of: Callable[..., ServiceClient],
+    transport: str,
+    protocol: str,
+    captured: list[MutableMapping[str, Any]],
 ) -> None:
     client = client_of(transport, protocol)
     assert client.echo("trailing") == "trailing"  # checked to be this call's: delivered
     assert closed(client) == 1  # the second reply in the same write went with the connection
     assert client.echo("ok:mine") == "mine"
+    (told,) = events_named(captured, events.PROTOCOL_VIOLATION)  # said, though nobody got it
+    assert told["instance"] == client.status().instances[0].instance
+    assert "bytes after the reply" in told["seen"]
+
+
+def test_a_reply_to_no_call_on_a_pipelined_connection_is_told_as_it_closes_it(
+    client_of: Callable[..., ServiceClient], captured: list[MutableMapping[str, Any]]
+) -> None:
+    client = client_of("buffered", "binary", max_inflight=4)
+    assert client.echo("late-duplicate") == "late-duplicate"
+    gevent.sleep(0.3)  # the duplicate arrives while no call waits for it
+    assert [client.echo(f"ok:{n}") for n in range(3)] == ["0", "1", "2"]
+    (told,) = events_named(captured, events.PROTOCOL_VIOLATION)
+    assert "a reply to no call" in told["seen"]
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ import gevent.socket
 import gevent.ssl
 from gevent import monkey
 
+from geventpool import events
 from geventpool.client.pipeline import PipelinedConnection
 from geventpool.client.replies import outcome, reply_spec
 from geventpool.discovery.instance import Instance
@@ -228,6 +229,12 @@ class Connection:
         del buffer[:size]
         if buffer or (self._pending is not None and self._pending()):
             self.broken = True  # bytes nobody asked for follow a reply: not for the next call
+            events.emit(
+                events.PROTOCOL_VIOLATION,
+                "warning",
+                instance=str(self.instance),
+                seen=f"{len(buffer) or 'some'} bytes after the reply to #{seqid}, unasked",
+            )
         return outcome(codec, spec, message_type, body, values)
 
     def _expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any]:

@@ -49,6 +49,7 @@ from gevent import monkey
 from gevent.event import Event
 from gevent.hub import Waiter, get_hub
 
+from geventpool import events
 from geventpool.client.replies import outcome, reply_spec
 from geventpool.discovery.instance import Instance
 from geventpool.errors import (
@@ -299,7 +300,11 @@ class PipelinedConnection:
             pass
         except BaseException as error:  # every caller must learn of it
             self._break(error)
-            if not isinstance(error, (OSError, EOFError, MalformedMessageError)):
+            if isinstance(error, MalformedMessageError):  # told, whether or not a call waited
+                events.emit(
+                    events.PROTOCOL_VIOLATION, "warning", instance=self._name, seen=error.reason
+                )
+            elif not isinstance(error, (OSError, EOFError)):
                 raise  # a bug: the hub prints it
 
     def _expect(self, name: str, message_type: int, seqid: int) -> dict[int, Any]:
