@@ -89,15 +89,7 @@ class ServerTracing:
 
     def call_started(self, call: ServedCall) -> None:
         """Start the call's span and make it current for the handler."""
-        span = self._tracer.start_span(
-            call.method,
-            kind=SpanKind.SERVER,
-            attributes={
-                "rpc.system": "thrift",
-                "rpc.method": call.method,
-                "server.port": call.port,
-            },
-        )
+        span = self._start(call)
         token = otel_context.attach(trace.set_span_in_context(span))
         self._spans[id(call)] = (span, token)
 
