@@ -46,3 +46,25 @@ def test_the_benchmark_runs_and_writes_its_report(tmp_path: Path) -> None:
     assert "## Hostile input" in report and "## Pipelining across callers" in report
     for plot in ("throughput.png", "latency.png", "pool_cost.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
+
+
+@pytest.mark.gevent_timeout(200)
+def test_a_scrape_during_a_load_run_shows_every_metric_family(tmp_path: Path) -> None:
+    """scripts/metrics_figures.py --quick: a ZooKeeper, two registered servers, a rejected
+    child, a client under load; /metrics read over HTTP halfway (it exits 1 if a family of
+    observe/prometheus.py's list is missing), and the cost table written."""
+    script = str(ROOT / "scripts" / "metrics_figures.py")
+    finished = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=190,
+        cwd=ROOT,
+    )
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
+    report = (tmp_path / "metrics.md").read_text()
+    assert "families missing from it: none" in report
+    assert "| client | ClientMetrics |" in report and "| server | ServerMetrics |" in report
+    scrape = (tmp_path / "metrics_scrape.txt").read_text()
+    assert 'geventpool_client_rejected_children{service="echo"} 1.0' in scrape
