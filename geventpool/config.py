@@ -228,11 +228,18 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     the process environment) or from files named relative to the file's folder."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML is UTF-8
     except OSError as error:
         raise ConfigurationError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigurationError(
+            f"{path} is not valid TOML: not UTF-8 text (byte {error.start} is"
+            f" {error.object[error.start : error.start + 1]!r})"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigurationError(f"{path} is not valid TOML: {error}") from None
+    except RecursionError:  # arrays or inline tables nested thousands deep
+        raise ConfigurationError(f"{path} is not valid TOML: it nests too deeply") from None
     return parse_config(data, os.environ if environ is None else environ, path.parent)
 
 

@@ -5,10 +5,13 @@ point itself), the others call ``main()`` in-process."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import socket
 import sys
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,10 +22,17 @@ import gevent
 import pytest
 from gevent import subprocess
 from kazoo.client import KazooClient
+from thriftpy2.thrift import TApplicationException
 
-from geventpool.cli import main
+from geventpool.cli import main, services
+from geventpool.cli.common import print_json, printable
 from geventpool.cli.values import to_json, to_struct, to_thrift
-from geventpool.testing.echo import IDL
+from geventpool.client.service import ServiceClient
+from geventpool.discovery.instance import Instance
+from geventpool.discovery.zk import ZooKeeperConfig
+from geventpool.errors import ConfigurationError, GeventPoolError
+from geventpool.server.thrift_server import ThriftServer
+from geventpool.testing.echo import IDL, EchoHandler, echo_thrift
 from geventpool.testing.processes import ServerProcess
 from geventpool.testing.zookeeper import free_port
 from helpers import curator, finagle
@@ -71,16 +81,29 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def run_process(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_process(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """``python -m geventpool ARGV`` in a subprocess, bounded."""
     return subprocess.run(
         [sys.executable, "-m", "geventpool", *argv],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+@pytest.fixture
+def black_hole() -> Iterator[socket.socket]:
+    """A listening socket on 127.0.0.1 that never answers: a ZooKeeper that accepts
+    connections (the kernel completes them) and says nothing."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    yield hole
+    hole.close()
 
 
 # -- services -----------------------------------------------------------------------------------
@@ -138,6 +161,204 @@ def test_an_unreachable_zookeeper_is_one_line_and_exit_code_1(
         assert err == (
             f"geventpool {command[0]}: ZooKeeperUnavailableError: ZooKeeper at"
             f" '{hosts}' not reachable within 0.50s\n"
+        )
+
+
+def test_a_zookeeper_that_never_answers_fails_within_the_timeout(
+    black_hole: socket.socket, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hosts = f"127.0.0.1:{black_hole.getsockname()[1]}"
+    for command in (
+        ["services"],
+        ["instances", "echo"],
+        ["watch", "echo"],
+        ["call", str(IDL), "echo", "ping"],
+    ):
+        began = time.monotonic()
+        code, out, err = run(capsys, *command, "--zookeeper", hosts, "--timeout", "1")
+        took = time.monotonic() - began
+        assert (code, out) == (1, "")
+        assert err == (
+            f"geventpool {command[0]}: ZooKeeperUnavailableError: ZooKeeper at"
+            f" '{hosts}' not reachable within 1.00s\n"
+        )
+        # not kazoo's wait for its connection attempt to end (the 10 s session timeout)
+        assert took < 4, f"{command[0]} took {took:.1f}s"
+
+
+class Connecting:
+    """A command started in a subprocess, once it is connecting to the black hole."""
+
+    def __init__(self, hole: socket.socket, *argv: str) -> None:
+        hosts = f"127.0.0.1:{hole.getsockname()[1]}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "geventpool", *argv, "--zookeeper", hosts, "--timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with gevent.Timeout(30, AssertionError("the command did not connect")):
+            self.connection, _ = hole.accept()
+
+    def stop(self, signum: int) -> tuple[int, float, str, str]:
+        """Send ``signum``: the exit code, the seconds it took to end, its outputs."""
+        self.process.send_signal(signum)
+        began = time.monotonic()
+        try:
+            out, err = self.process.communicate(timeout=15)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+            self.connection.close()
+        return self.process.returncode, time.monotonic() - began, out, err
+
+
+@pytest.mark.gevent_timeout(90)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_watch_is_connecting_ends_it_at_once_with_0(
+    black_hole: socket.socket, signum: int
+) -> None:
+    connecting = Connecting(black_hole, "watch", "echo")
+    code, took, out, err = connecting.stop(signum)
+    assert (code, out, err) == (0, "", "")  # ended as by a signal once watching (the docs)
+    assert took < 5, f"watch took {took:.1f}s to end"  # not --timeout's 60 s
+
+
+@pytest.mark.gevent_timeout(90)
+def test_ctrl_c_while_connecting_is_exit_code_130_without_a_traceback(
+    black_hole: socket.socket,
+) -> None:
+    connecting = Connecting(black_hole, "services")
+    code, took, out, err = connecting.stop(signal.SIGINT)
+    assert (code, out, err) == (130, "", "geventpool services: interrupted\n")
+    assert took < 5, f"services took {took:.1f}s to end"
+
+
+# A SIGINT the kernel gives to another thread than the main one (gevent's resolver threads):
+# a Python handler would run only once the main thread wakes up (kazoo's 10 s read timeout).
+SIGINT_FROM_A_THREAD = """
+import os, signal, sys
+from gevent import monkey
+from geventpool.cli import main
+
+def interrupt_from_this_thread():  # a real thread, not a greenlet
+    os.read(0, 1)  # the test saw the connection
+    signal.pthread_kill(monkey.get_original("_thread", "get_ident")(), signal.SIGINT)
+
+monkey.get_original("_thread", "start_new_thread")(interrupt_from_this_thread, ())
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.gevent_timeout(90)
+def test_ctrl_c_given_to_another_thread_still_interrupts_at_once(
+    black_hole: socket.socket,
+) -> None:
+    hosts = f"127.0.0.1:{black_hole.getsockname()[1]}"
+    argv = ["services", "--zookeeper", hosts, "--timeout", "60"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_FROM_A_THREAD, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with gevent.Timeout(30, AssertionError("services did not connect")):
+            connection, _ = black_hole.accept()
+        began = time.monotonic()
+        out, err = process.communicate("x", timeout=15)
+        took = time.monotonic() - began
+        connection.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert (process.returncode, out, err) == (130, "", "geventpool services: interrupted\n")
+    assert took < 5, f"services took {took:.1f}s to end"
+
+
+AFTER_MAIN = """
+import os, signal, sys
+import gevent
+from geventpool.cli import main
+
+for command in (["services"], ["watch", "echo"]):  # each handles SIGINT while it runs
+    assert main([*command, "--zookeeper", sys.argv[1], "--timeout", "0.5"]) == 1
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    gevent.sleep(5)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+
+
+def test_main_leaves_ctrl_c_to_the_program_that_called_it() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", AFTER_MAIN, f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (0, "KeyboardInterrupt\n"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("hosts", "message"),
+    [
+        ("host:notaport", "port must be an integer from 1 to 65535, not 'notaport'"),
+        ("127.0.0.1:0", "port must be an integer from 1 to 65535, not '0'"),
+        ("127.0.0.1:70000", "port must be an integer from 1 to 65535, not '70000'"),
+        ("127.0.0.1:2181,", "an empty entry"),
+        ("::1:2181", "an IPv6 address is written in brackets"),
+        ("127.0.0.1:2181/a/../b", "the chroot must not have '.' or '..' parts"),
+    ],
+)
+def test_a_connect_string_that_cannot_be_used_is_bad_usage(
+    capsys: pytest.CaptureFixture[str], hosts: str, message: str
+) -> None:
+    for command in (
+        ["services"],
+        ["instances", "echo"],
+        ["watch", "echo"],
+        ["call", str(IDL), "echo", "ping"],
+    ):
+        code, out, err = run(capsys, *command, "--zookeeper", hosts, "--timeout", "1")
+        assert (code, out) == (2, ""), command
+        assert err.startswith(f"usage: geventpool {command[0]}")
+        last = err.splitlines()[-1]
+        assert last.startswith(f"geventpool {command[0]}: error: ZooKeeper hosts {hosts!r}: ")
+        assert message in last
+
+
+def test_zookeeper_config_takes_the_connect_strings_kazoo_takes_as_written() -> None:
+    for hosts in (
+        "h:1",
+        "zk1,zk2:2182/a/b",
+        "127.0.0.1:2181, 127.0.0.2:2181",
+        "127.0.0.1:2181,[::1]:2181/chroot",
+        "[::1]",
+        "zk1:65535/",
+    ):
+        assert ZooKeeperConfig(hosts).hosts == hosts
+    for hosts in ("h:", "h: 2181", "h:\uff12", "h1,,h2", "user@h:1", "[zz]:1", "[::1]x", "h:1/."):
+        with pytest.raises(ConfigurationError, match="ZooKeeper hosts"):
+            ZooKeeperConfig(hosts)
+
+
+@pytest.mark.parametrize("root", ["relative", "", "/a//b", "/a/../b", "/geventpool/./x"])
+def test_a_root_that_is_not_an_absolute_path_is_bad_usage(
+    capsys: pytest.CaptureFixture[str], root: str
+) -> None:
+    hosts = f"127.0.0.1:{free_port()}"  # never reached
+    for command in (["services"], ["instances", "echo"], ["watch", "echo"]):
+        code, out, err = run(capsys, *command, "--zookeeper", hosts, "--root", root)
+        assert (code, out) == (2, ""), command
+        assert (
+            f"argument --root: must be an absolute ZooKeeper path such as /geventpool, not {root!r}"
+            in err
         )
 
 
@@ -200,6 +421,109 @@ def test_instances_of_a_service_that_does_not_exist_fails(
     assert "no service /geventpool/nosuch" in err
 
 
+HOSTILE_ZONE = "\x1b]0;owned\x07\x1b[2J\x1b[31mzone"
+HOSTILE_VERSION = "1.0\n2026-12-05T00:00:00.000Z left     10.9.9.9:9090 node=FORGED"
+HOSTILE_NODE = "evil\u202egpj.exe"  # a right-to-left override: reads "evilexe.jpg"
+
+
+@pytest.fixture
+def hostile(registry: Registry, zk: KazooClient) -> Registry:
+    """The registry, with one more (valid) instance whose node name, zone and version would
+    drive a terminal and forge a line if printed raw."""
+    payload = {
+        "schema_version": 1,
+        "host": "127.0.0.1",
+        "port": registry.server.port,
+        "zone": HOSTILE_ZONE,
+        "version": HOSTILE_VERSION,
+    }
+    zk.create(f"{ECHO}/{HOSTILE_NODE}", json.dumps(payload).encode())
+    return registry
+
+
+def assert_printable_lines(out: str) -> None:
+    for line in out.splitlines():
+        assert line.isprintable(), line
+
+
+def test_registry_text_is_printed_with_its_control_characters_escaped(
+    hostile: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    zone, version, node = (
+        printable(text) for text in (HOSTILE_ZONE, HOSTILE_VERSION, HOSTILE_NODE)
+    )
+    assert (zone, node) == ("\\x1b]0;owned\\x07\\x1b[2J\\x1b[31mzone", "evil\\u202egpj.exe")
+    code, out, err = run(capsys, "instances", "echo", "--zookeeper", hostile.hosts)
+    assert (code, err) == (0, "")
+    assert_printable_lines(out)
+    lines = out.splitlines()
+    assert lines[0] == f"echo ({ECHO}): 4 instances, 1 rejected"
+    assert len(lines) == 9  # header, 4 instances, "rejected:", its header, 1 child: no forged line
+    [row] = [line for line in lines if line.startswith(node)]
+    assert row.split()[2:5] == [zone, "1", version.split()[0]]
+    assert version in row
+
+    code, out, err = run(capsys, "watch", "echo", "--zookeeper", hostile.hosts, "--duration", "0.5")
+    assert (code, err) == (0, "")
+    assert_printable_lines(out)
+    lines = out.splitlines()
+    assert len(lines) == 5 and sum(" present " in line for line in lines) == 4
+    [line] = [line for line in lines if f"node={node} " in line]
+    assert f"zone={zone} " in line and f"version={version} " in line
+
+
+def test_registry_text_in_json_output_is_escaped_json(
+    hostile: Registry, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "instances", "echo", "--zookeeper", hostile.hosts, "--json")
+    assert code == 0 and out.count("\n") == 1 and out[:-1].isprintable()
+    [record] = [i for i in json.loads(out)["instances"] if i["node"] == HOSTILE_NODE]
+    assert (record["zone"], record["version"]) == (HOSTILE_ZONE, HOSTILE_VERSION)
+
+    code, out, _ = run(
+        capsys, "watch", "echo", "--zookeeper", hostile.hosts, "--duration", "0.5", "--json"
+    )
+    assert code == 0
+    assert_printable_lines(out)
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 5
+    [event] = [e for e in events if e.get("node") == HOSTILE_NODE]
+    assert event["instance"]["zone"] == HOSTILE_ZONE
+
+
+def test_printable_escapes_what_would_drive_a_terminal_or_break_a_line() -> None:
+    kept = "h\u00e9llo w\u00f6rld \u4e16\u754c \U0001f600 \\x1b"
+    assert printable(kept) == kept
+    assert printable("a\x1b[2Jb\nc\rd\te\x00\x7f\x9b\u202e\u200b\u2028\u2029\ud800\U000e0001") == (
+        "a\\x1b[2Jb\\nc\\rd\\te\\x00\\x7f\\x9b\\u202e\\u200b\\u2028\\u2029\\ud800\\U000e0001"
+    )
+    value = {"k\x9b": ["\x1b[2J\n", "\x7f\u202e\u2028\ud800\U000e0001", "h\u00e9 \U0001f600"]}
+    out = io.StringIO()
+    print_json(value, out)
+    text = out.getvalue()
+    assert text.endswith("\n") and text[:-1].isprintable()
+    assert "h\u00e9 \U0001f600" in text  # printable non-ASCII text kept as is
+    assert json.loads(text) == value
+
+
+def test_a_failed_commands_error_is_one_printable_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(args: Any) -> int:
+        raise GeventPoolError("from a peer:\x1b[2J\nforged line\u202e")
+
+    monkeypatch.setattr(services, "run", fails)
+    code, out, err = run(capsys, "services")
+    assert (code, out) == (1, "")
+    assert err == "geventpool services: GeventPoolError: from a peer:\\x1b[2J forged line\\u202e\n"
+
+    def interrupted(args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services, "run", interrupted)
+    assert run(capsys, "services") == (130, "", "geventpool services: interrupted\n")
+
+
 # -- watch --------------------------------------------------------------------------------------
 
 
@@ -219,6 +543,20 @@ class LineReader:
                 event = json.loads(line)
                 if predicate(event):
                     return event
+
+
+def serving(server: ServerProcess) -> ServerProcess:
+    """``server`` once it has answered a call. Its ready line comes before it installs its
+    SIGTERM handler (``serve_forever``); a reply can only come after (nothing between the
+    two yields to the hub), so a SIGTERM from then on is a graceful stop, not a kill (-15)."""
+    client = ServiceClient(
+        echo_thrift.Echo, "echo", instances=[Instance("127.0.0.1", server.port or 0)]
+    )
+    try:
+        assert client.echo("ready?") == "ready?"
+    finally:
+        client.stop()
+    return server
 
 
 @pytest.fixture
@@ -263,7 +601,7 @@ def test_watch_prints_joins_and_leaves_as_json_lines_until_sigterm(
     rejected = watch.until(lambda e: e["event"] == "rejected")
     assert (rejected["node"], rejected["reason"]) == (REJECTED, REJECTED_REASON)
 
-    newcomer = servers("--zookeeper", registry.hosts)
+    newcomer = serving(servers("--zookeeper", registry.hosts))
     joined = watch.until(lambda e: e["event"] == "joined")
     assert joined["node"] == newcomer.address
     assert joined["instance"]["port"] == newcomer.port
@@ -337,10 +675,53 @@ def test_call_of_an_undeclared_server_error_is_one_line_and_exit_code_1(
     assert err == "geventpool call: TApplicationException (INTERNAL_ERROR): RuntimeError in crash\n"
 
 
+class HostileEcho(EchoHandler):
+    def echo(self, msg: str) -> str:
+        raise TApplicationException(
+            TApplicationException.INTERNAL_ERROR,
+            "\x1b]0;pwned\x07\x1b[2Jfine\ngeventpool call: all good",
+        )
+
+
+def test_call_prints_a_servers_error_message_escaped_on_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = ThriftServer(echo_thrift.Echo, HostileEcho(""), host="127.0.0.1", port=0)
+    server.start()
+    try:
+        code, out, err = run(
+            capsys,
+            "call",
+            str(IDL),
+            "echo",
+            "echo",
+            '["x"]',
+            "--instance",
+            f"127.0.0.1:{server.port}",
+        )
+    finally:
+        server.stop(drain_timeout=1.0)
+    assert (code, out) == (1, "")
+    assert err == (
+        "geventpool call: TApplicationException (INTERNAL_ERROR):"
+        " \\x1b]0;pwned\\x07\\x1b[2Jfine geventpool call: all good\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["add", "[2, "], "JSON_ARGS is not valid JSON: Expecting value"),
+        (["echo", "[" * 50_000 + "]" * 50_000], "JSON_ARGS nests too deeply"),
+        (["echo", '{"msg": ' + "[" * 50_000 + "]" * 50_000 + "}"], "JSON_ARGS nests too deeply"),
+        (
+            ["echo", '["\\ud800"]'],
+            "argument 'msg': '\\ud800' at index 0 is a lone surrogate, not text",
+        ),
+        (
+            ["table", '[{"\\udfff": 1}]'],
+            "argument 'counts' key '\\udfff': '\\udfff' at index 0 is a lone surrogate",
+        ),
         (["add", '["2", 3]'], "argument 'a': expected an integer for i64, got the string '2'"),
         (["add", "[2]"], "add(): missing required arguments ['b']"),
         (["add", '{"a": 1, "c": 2}'], "add has no argument 'c'"),
@@ -368,14 +749,72 @@ def test_call_refuses_an_idl_it_cannot_use_with_exit_code_2(
     two.write_text("service A { void a() }\nservice B { void b() }\n")
     broken = tmp_path / "broken.thrift"
     broken.write_text("service A { void a( }\n")
+    latin1 = tmp_path / "latin1.thrift"
+    latin1.write_bytes("// caf\u00e9\nservice A { void a() }\n".encode("latin-1"))
+    folder = tmp_path / "folder.thrift"
+    folder.mkdir()
     for path, message in [
         (tmp_path / "missing.thrift", "cannot read"),
         (two, "the IDL declares several services (A, B): choose one with --thrift-service"),
         (broken, "is not a valid IDL"),
+        (latin1, "latin1.thrift (or a file it includes) is not UTF-8 text: byte 6 is b'\\xe9'"),
+        (folder, "folder.thrift: not a regular file"),
     ]:
         code, out, err = run(capsys, "call", str(path), "svc", "a", "--zookeeper", "127.0.0.1:1")
         assert (code, out) == (2, "")
         assert message in err.splitlines()[-1]
+
+
+def test_call_refuses_an_idl_that_is_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.thrift"
+    os.mkfifo(fifo)
+    done = run_process("call", str(fifo), "svc", "a", "--instance", "127.0.0.1:1", timeout=30)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.splitlines()[-1] == (
+        f"geventpool call: error: cannot read {fifo}: not a regular file"
+    )
+
+
+@pytest.mark.parametrize(("levels", "sent"), [(63, True), (64, False), (300, False)])
+def test_call_arguments_nest_at_most_64_deep_with_the_arguments_struct(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], levels: int, sent: bool
+) -> None:
+    import thriftpy2  # noqa: PLC0415 - only this test loads an IDL of its own
+
+    idl = tmp_path / "tree.thrift"
+    idl.write_text("struct A { 1: B b }\nstruct B { 1: A a }\nservice S { i32 f(1: A a) }\n")
+    tree = thriftpy2.load(str(idl), module_name="tree_thrift")
+    received: list[Any] = []
+
+    class Handler:
+        def f(self, a: Any) -> int:
+            received.append(a)
+            return 0
+
+    value: dict[str, Any] = {}  # ``levels`` structs, A inside B inside A ...
+    for level in range(levels - 1, 0, -1):
+        value = {"b" if level % 2 else "a": value}
+    server = ThriftServer(tree.S, Handler(), host="127.0.0.1", port=0)
+    server.start()
+    try:
+        argv = [
+            "call",
+            str(idl),
+            "S",
+            "f",
+            json.dumps([value]),
+            "--instance",
+            f"127.0.0.1:{server.port}",
+        ]
+        code, out, err = run(capsys, *argv)
+    finally:
+        server.stop(drain_timeout=1.0)
+    if sent:  # the arguments' struct and 63 levels: 64, what a receiver takes by default
+        assert (code, out, err) == (0, "0\n", "")
+        assert len(received) == 1
+    else:
+        assert (code, out) == (2, "") and received == []
+        assert "nest at most 64 deep" in err.splitlines()[-1]
 
 
 def test_call_of_a_service_without_instances_fails_with_exit_code_1(
@@ -542,13 +981,19 @@ def test_check_config_without_secrets_from_the_module_entry_point() -> None:
         ('[services.calc]\nbalancer = "fastest"\n', "services.calc: balancer must be one of"),
         ("[services.calc]\ncall_timeout = -1\n", "services.calc: call_timeout must be a positive"),
         ("[zookeeper\n", "is not valid TOML"),
+        (
+            '[zookeeper]\nhosts = "host:notaport"\n',
+            "ZooKeeper hosts 'host:notaport': port must be an integer from 1 to 65535",
+        ),
+        (b"\xff\xfe garbage\n", "is not valid TOML: not UTF-8 text (byte 0 is b'\\xff')"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "is not valid TOML: it nests too deeply"),
     ],
 )
 def test_check_config_of_a_broken_file_prints_the_error_and_exits_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, message: str
 ) -> None:
     path = tmp_path / "broken.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     code, out, err = run(capsys, "check-config", str(path))
     assert (code, out) == (1, "")
     assert err.startswith(f"{path}: invalid: ") and message in err

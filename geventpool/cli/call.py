@@ -22,8 +22,12 @@ What it prints and its exit code:
 * a failed call (no instance, a timeout, a broken connection, ZooKeeper unreachable, an
   exception the server did not declare): one line on standard error naming the error: 1;
 * anything wrong with the command line itself, found before anything is sent (an IDL that
-  cannot be read, an unknown service or method, JSON that does not parse or does not fit the
-  IDL's types, a bad ``--instance``): usage and the reason on standard error: 2.
+  cannot be read: missing, not a regular file, not UTF-8, not valid Thrift; an unknown
+  service or method; JSON that does not parse or does not fit the IDL's types, nests more
+  than 64 structs and containers deep, or holds a string that is not valid Unicode; a bad
+  ``--instance``): usage and the reason on standard error: 2.
+
+A server's error message is printed on one line, its control characters escaped.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 import thriftpy2
+from kazoo.client import KazooClient
 from thriftpy2.parser.exc import ThriftGrammarError, ThriftLexerError, ThriftParserError
 from thriftpy2.thrift import TApplicationException, TException
 
@@ -45,10 +52,12 @@ from geventpool.cli.common import (
     OK,
     UsageError,
     add_registry_options,
+    one_line,
     print_json,
-    zookeeper_config,
+    zookeeper,
 )
 from geventpool.cli.values import (
+    MAX_DEPTH,
     JsonValueError,
     field_types,
     struct_to_json,
@@ -57,6 +66,7 @@ from geventpool.cli.values import (
 )
 from geventpool.client.service import ServiceClient
 from geventpool.discovery.instance import Instance
+from geventpool.discovery.zk import service_path
 from geventpool.errors import InvalidArgumentsError, InvalidInstanceError
 from geventpool.wire.arguments import method_spec
 from geventpool.wire.codecs import PROTOCOLS, TRANSPORTS
@@ -128,13 +138,28 @@ def run(args: argparse.Namespace) -> int:
         method_spec(service, args.method).arguments((), kwargs)  # bound and typed, as sent
     except InvalidArgumentsError as error:
         raise UsageError(str(error)) from None
-    client = make_client(service, args)
+    if args.instance is not None:
+        return make_call(service, args, kwargs, make_client(service, args))
+    if args.transport or args.protocol:
+        raise UsageError(
+            "--transport and --protocol go with --instance: a registered instance's"
+            " payload says its own"
+        )
+    service_path(args.service, args.root)  # a bad name: exit code 2 before connecting
+    with zookeeper(args) as registry:
+        return make_call(service, args, kwargs, make_client(service, args, registry))
+
+
+def make_call(
+    service: Any, args: argparse.Namespace, kwargs: dict[str, Any], client: ServiceClient
+) -> int:
+    """Make the call through ``client`` (stopped at the end) and print its outcome."""
     try:
         client.start(args.timeout)
         result = client.call(args.method, timeout=args.timeout, **kwargs)
     except TApplicationException as error:
         kind = _application_error_name(error)
-        sys.stderr.write(f"geventpool call: TApplicationException ({kind}): {error}\n")
+        sys.stderr.write(f"geventpool call: TApplicationException ({kind}): {one_line(error)}\n")
         return FAILED
     except TException as error:
         declared = declared_exception(service, args.method, error)
@@ -153,6 +178,14 @@ def load_idl(path: str, include_dirs: list[str]) -> Any:
     """The thriftpy2 module of the IDL at ``path`` (:class:`UsageError` if it cannot be
     read or parsed). Its module name is made of the file's name and full path: thriftpy2
     caches modules by name, and another file of the same name must not get this one's."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:  # a NUL in the path
+        raise UsageError(f"cannot read {path!r}: {error}") from None
+    if not stat.S_ISREG(mode):  # a FIFO would block for ever, a device read without end
+        raise UsageError(f"cannot read {path}: not a regular file")
     where = hashlib.sha1(str(Path(path).resolve()).encode(), usedforsecurity=False)
     stem = re.sub(r"\W", "_", Path(path).stem)
     name = f"{stem}_{where.hexdigest()[:8]}_thrift"
@@ -164,6 +197,13 @@ def load_idl(path: str, include_dirs: list[str]) -> Any:
         )
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise UsageError(
+            f"{path} (or a file it includes) is not UTF-8 text: byte {error.start} is"
+            f" {error.object[error.start : error.start + 1]!r}"
+        ) from None
+    except RecursionError:
+        raise UsageError(f"{path} is not a valid IDL: it nests too deeply") from None
     except (ThriftParserError, ThriftGrammarError, ThriftLexerError) as error:
         raise UsageError(f"{path} is not a valid IDL: {error}") from None
 
@@ -197,6 +237,10 @@ def arguments(service: Any, method: str, text: str | None) -> dict[str, Any]:
         given = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as error:
         raise UsageError(f"JSON_ARGS is not valid JSON: {error}") from None
+    except RecursionError:  # nested deeper than json's own recursion allows
+        raise UsageError(
+            f"JSON_ARGS nests too deeply (structs and containers nest at most {MAX_DEPTH} deep)"
+        ) from None
     spec = getattr(service, f"{method}_args").thrift_spec
     fields = [spec[key] for key in sorted(spec)]
     names = [field[1] for field in fields]
@@ -214,7 +258,10 @@ def arguments(service: Any, method: str, text: str | None) -> dict[str, Any]:
         if name not in by_name:
             raise UsageError(f"{method} has no argument {name!r} (its arguments: {names})")
         try:
-            converted[name] = to_thrift(value, *field_types(by_name[name]), f"argument {name!r}")
+            # depth 1: the arguments' own struct, as on the wire
+            converted[name] = to_thrift(
+                value, *field_types(by_name[name]), f"argument {name!r}", depth=1
+            )
         except JsonValueError as error:
             raise UsageError(str(error)) from None
     return converted
@@ -224,18 +271,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (write the string {name!r} for a double)")
 
 
-def make_client(service: Any, args: argparse.Namespace) -> ServiceClient:
-    """The client: of the registry, or of the ``--instance`` list."""
+def make_client(
+    service: Any, args: argparse.Namespace, registry: KazooClient | None = None
+) -> ServiceClient:
+    """The client: of the registry (through the connected ``registry``), or of the
+    ``--instance`` list."""
     if args.instance is None:
-        if args.transport or args.protocol:
-            raise UsageError(
-                "--transport and --protocol go with --instance: a registered instance's"
-                " payload says its own"
-            )
+        assert registry is not None
         return ServiceClient(
             service,
             args.service,
-            zookeeper=zookeeper_config(args),
+            zookeeper=registry,
             root=args.root,
             call_timeout=args.timeout,
         )

@@ -25,7 +25,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from geventpool.cli.common import DEFAULT_ZOOKEEPER, FAILED, OK, add_json_option, print_json
+from geventpool.cli.common import (
+    DEFAULT_ZOOKEEPER,
+    FAILED,
+    OK,
+    add_json_option,
+    print_json,
+    printable,
+)
 from geventpool.client.pool import PIPELINED_INFLIGHT
 from geventpool.client.service import ServiceClient
 from geventpool.config import Config, ServiceConfig, load_config
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"file": args.file, "valid": False, "error": str(error)})
         else:
-            sys.stderr.write(f"{args.file}: invalid: {error}\n")
+            sys.stderr.write(f"{args.file}: invalid: {printable(error)}\n")
         return FAILED
     assumed = environ.assumed if isinstance(environ, AssumedEnvironment) else []
     if args.json:
@@ -94,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return OK
     print(f"{args.file}: valid")
     for line in summary(config):
-        print(line)
+        print(printable(line))  # a value of the file holding a new line stays on its line
     if assumed:
         print(f"secrets assumed (not set here): {', '.join(assumed)}")
     return OK

@@ -6,6 +6,8 @@ own view: an instance shows its node, address, zone, weight, version, payload fo
 (``native``, ``curator`` or ``finagle``), TLS (``only``: the port speaks only TLS; ``port N``:
 a second port that does; ``no``) and wire (transport/protocol); a rejected child shows its
 node and why it was rejected. A service whose path does not exist is an error (exit code 1).
+Text from the registry (node names, zones, versions, reasons) has its control characters
+escaped.
 """
 
 from __future__ import annotations

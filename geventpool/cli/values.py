@@ -26,8 +26,11 @@ exception      there); printed with the fields that are set
 void           ``null``
 ============== ================================================================================
 
-``null`` is never a value: leave a field or an argument out instead. Every problem raises
-:class:`JsonValueError` naming where in the value it is (``argument 'counts' key "x"``).
+``null`` is never a value: leave a field or an argument out instead. Strings must be valid
+Unicode (a lone surrogate such as ``"\\ud800"`` is refused: it has no UTF-8 encoding). Structs
+and containers nest at most :data:`MAX_DEPTH` deep, the arguments' own struct counting as one,
+as on the wire. Every problem raises :class:`JsonValueError` naming where in the value it is
+(``argument 'counts' key "x"``).
 """
 
 from __future__ import annotations
@@ -43,11 +46,17 @@ from typing import Any
 from thriftpy2.thrift import TType
 
 from geventpool.errors import GeventPoolError
+from geventpool.wire.limits import DEFAULT_LIMITS
 
 _INTS = frozenset({TType.BYTE, TType.I16, TType.I32, TType.I64})
 _TEXT_KEYS = frozenset({TType.STRING, TType.BOOL, TType.DOUBLE, TType.BINARY, *_INTS})
+_NESTING = frozenset({TType.STRUCT, TType.LIST, TType.SET, TType.MAP})
 _SPECIAL_DOUBLES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INTEGER = re.compile(r"-?[0-9]+\Z")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_DEPTH = DEFAULT_LIMITS.max_depth
+"""Structs and containers nested in each other at most (64): what a receiver with the default
+:class:`~geventpool.wire.limits.WireLimits` accepts."""
 _NAMES = {
     TType.BOOL: "bool",
     TType.BYTE: "byte",
@@ -111,13 +120,19 @@ def _fail(where: str, message: str) -> JsonValueError:
 # -- JSON to Thrift ---------------------------------------------------------------------------
 
 
-def to_thrift(value: Any, ttype: int, inner: Any, where: str = "") -> Any:
+def to_thrift(value: Any, ttype: int, inner: Any, where: str = "", depth: int = 0) -> Any:
     """The Thrift value of the parsed JSON ``value`` for type ``ttype`` (with its ``inner``
-    spec: element types, the struct or enum class); :class:`JsonValueError` if it does not
-    fit (see the module for the rules)."""
+    spec: element types, the struct or enum class), inside ``depth`` structs and containers;
+    :class:`JsonValueError` if it does not fit (see the module for the rules)."""
     expected = type_name(ttype, inner)
     if value is None:
         raise _fail(where, f"null is not a value of {expected} (leave it out instead)")
+    if ttype in _NESTING and depth >= MAX_DEPTH:
+        raise _fail(
+            where,
+            f"structs and containers nest at most {MAX_DEPTH} deep (the arguments' own"
+            " struct counting as one)",
+        )
     if ttype == TType.BOOL:
         if isinstance(value, bool):
             return value
@@ -133,7 +148,7 @@ def to_thrift(value: Any, ttype: int, inner: Any, where: str = "") -> Any:
             return _SPECIAL_DOUBLES[value]
     elif ttype == TType.STRING:
         if isinstance(value, str):
-            return value
+            return _text(value, where)
     elif ttype == TType.BINARY:
         if isinstance(value, str):
             return _from_base64(value, where)
@@ -141,15 +156,15 @@ def to_thrift(value: Any, ttype: int, inner: Any, where: str = "") -> Any:
         if isinstance(value, list):
             element_type, element_inner = element_types(inner)
             return [
-                to_thrift(item, element_type, element_inner, f"{where}[{index}]")
+                to_thrift(item, element_type, element_inner, f"{where}[{index}]", depth + 1)
                 for index, item in enumerate(value)
             ]
     elif ttype == TType.MAP:
         if isinstance(value, dict | list):
-            return _to_map(value, inner, where)
+            return _to_map(value, inner, where, depth + 1)
     elif ttype == TType.STRUCT:
         if isinstance(value, dict):
-            return to_struct(value, inner, where)
+            return to_struct(value, inner, where, depth)
     else:
         raise _fail(where, f"{expected} values cannot be given in JSON")
     raise _fail(where, f"expected {_json_shape(ttype, inner)} for {expected}, got {_kind(value)}")
@@ -173,9 +188,12 @@ def _json_shape(ttype: int, inner: Any) -> str:
     return "an object"
 
 
-def to_struct(value: Mapping[str, Any], cls: Any, where: str = "") -> Any:
+def to_struct(value: Mapping[str, Any], cls: Any, where: str = "", depth: int = 0) -> Any:
     """An instance of the thriftpy2 struct (or exception) ``cls`` from a JSON object of its
-    field names; unknown names and missing required fields are refused."""
+    field names, inside ``depth`` structs and containers; unknown names and missing required
+    fields are refused."""
+    if depth >= MAX_DEPTH:
+        raise _fail(where, f"structs and containers nest at most {MAX_DEPTH} deep")
     fields = {spec[1]: spec for spec in cls.thrift_spec.values()}
     unknown = sorted(set(value) - set(fields))
     if unknown:
@@ -187,10 +205,21 @@ def to_struct(value: Mapping[str, Any], cls: Any, where: str = "") -> Any:
     if missing:
         raise _fail(where, f"{cls.__name__} needs its required field {missing[0]!r}")
     converted = {
-        name: to_thrift(item, *field_types(fields[name]), _join(where, f".{name}"))
+        name: to_thrift(item, *field_types(fields[name]), _join(where, f".{name}"), depth + 1)
         for name, item in value.items()
     }
     return cls(**converted)
+
+
+def _text(value: str, where: str) -> str:
+    surrogate = _SURROGATE.search(value)
+    if surrogate is not None:
+        raise _fail(
+            where,
+            f"{surrogate.group()!r} at index {surrogate.start()} is a lone surrogate, not"
+            " text (strings are sent as UTF-8)",
+        )
+    return value
 
 
 def _join(where: str, step: str) -> str:
@@ -211,26 +240,29 @@ def _from_base64(text: str, where: str) -> bytes:
         raise _fail(where, "binary values are base64 (RFC 4648, with padding)") from None
 
 
-def _to_map(value: dict[str, Any] | list[Any], inner: Any, where: str) -> dict[Any, Any]:
+def _to_map(
+    value: dict[str, Any] | list[Any], inner: Any, where: str, depth: int
+) -> dict[Any, Any]:
+    """A map from a JSON object or ``[key, value]`` pairs; ``depth`` counts the map itself."""
     (key_type, key_inner), (item_type, item_inner) = (element_types(part) for part in inner)
     result: dict[Any, Any] = {}
     if isinstance(value, dict):
         for text, item in value.items():
             key = _key_from_text(text, key_type, key_inner, f"{where} key {text!r}")
-            result[key] = to_thrift(item, item_type, item_inner, f"{where}[{text!r}]")
+            result[key] = to_thrift(item, item_type, item_inner, f"{where}[{text!r}]", depth)
         return result
     for index, pair in enumerate(value):
         if not (isinstance(pair, list) and len(pair) == 2):
             raise _fail(f"{where}[{index}]", "a map entry is a [key, value] array")
-        key = to_thrift(pair[0], key_type, key_inner, f"{where}[{index}] key")
-        result[key] = to_thrift(pair[1], item_type, item_inner, f"{where}[{index}] value")
+        key = to_thrift(pair[0], key_type, key_inner, f"{where}[{index}] key", depth)
+        result[key] = to_thrift(pair[1], item_type, item_inner, f"{where}[{index}] value", depth)
     return result
 
 
 def _key_from_text(text: str, ttype: int, inner: Any, where: str) -> Any:
     """A map key written as an object's key (always a string in JSON)."""
     if ttype == TType.STRING:
-        return text
+        return _text(text, where)
     if ttype in _INTS:
         if is_enum(inner) and not _INTEGER.match(text):
             return _enum_value(text, inner, where)

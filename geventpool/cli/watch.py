@@ -9,8 +9,10 @@ Each line starts with a UTC timestamp; ``--json`` prints JSON lines instead (``t
 
 The view is the client's own (:class:`~geventpool.discovery.membership.Membership`) without
 empty-list protection: a service whose every instance leaves is shown empty at once. It runs
-until SIGINT or SIGTERM, or for ``--duration`` seconds; both end it with exit code 0. A
-service path that does not exist yet is watched until it is created.
+until SIGINT or SIGTERM, or for ``--duration`` seconds; both end it with exit code 0, a signal
+also while it is still connecting to ZooKeeper (at once, without waiting for ``--timeout``). A
+service path that does not exist yet is watched until it is created. Text from the registry
+(node names, zones, versions, reasons) has its control characters escaped.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import gevent.event
 from geventpool import events
 from geventpool.cli.common import (
     OK,
+    Interrupted,
     add_registry_options,
     instance_record,
+    on_signals,
     or_dash,
     positive_seconds,
     print_json,
+    printable,
     timestamp,
     tls_text,
     zookeeper,
@@ -55,7 +60,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     add_registry_options(parser)
-    parser.set_defaults(run=run, command_parser=parser)
+    parser.set_defaults(run=run, command_parser=parser, handles_signals=True)
 
 
 class Printer:
@@ -95,7 +100,7 @@ class Printer:
         print_json({"time": timestamp(), "event": event, "service": self.service, **fields})
 
     def _text(self, line: str) -> None:
-        sys.stdout.write(f"{timestamp()} {line}\n")
+        sys.stdout.write(f"{timestamp()} {printable(line)}\n")
         sys.stdout.flush()
 
 
@@ -104,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
     path = service_path(args.service, args.root)
     printer = Printer(args.service, args.json)
     stop = gevent.event.Event()
-    handlers = [
-        gevent.signal_handler(signum, stop.set) for signum in (signal.SIGINT, signal.SIGTERM)
-    ]
     try:
-        with zookeeper(args) as client:
+        with (
+            on_signals(stop.set, signal.SIGINT, signal.SIGTERM),
+            zookeeper(args, interrupted=stop) as client,
+        ):
             membership = Membership(client, path=path, empty_protection=0.0)
             membership.start(args.timeout)
             try:
@@ -130,9 +135,8 @@ def run(args: argparse.Namespace) -> int:
                     remove()
             finally:
                 membership.stop()
-    finally:
-        for handler in handlers:
-            handler.cancel()
+    except Interrupted:
+        pass  # signalled before ZooKeeper answered: ended as by a signal later on
     return OK
 
 

@@ -47,7 +47,9 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}\Z")
 class ZooKeeperConfig:
     """How to reach ZooKeeper. Durations are float seconds.
 
-    ``hosts`` is kazoo's connect string (``"h1:2181,h2:2181/optional/chroot"``);
+    ``hosts`` is kazoo's connect string (``"h1:2181,h2:2181/optional/chroot"``: ``host``,
+    ``host:port`` or ``[v6 address]:port`` entries, the port from 1 to 65535, 2181 if left out;
+    a chroot without ``.`` or ``..`` parts);
     ``session_timeout`` the session length requested (the server clamps it to its own bounds);
     ``connect_timeout`` how long :func:`connect` waits for the first connection;
     ``max_retry_delay`` the longest pause between reconnect attempts; ``auth`` a tuple of
@@ -81,6 +83,7 @@ class ZooKeeperConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.hosts, str) or not self.hosts.strip():
             raise ConfigurationError("ZooKeeper hosts must be a non-empty connect string")
+        _check_hosts(self.hosts)
         for name in ("session_timeout", "connect_timeout", "max_retry_delay"):
             check_seconds(name, getattr(self, name))
         for pair in self.auth:
@@ -113,6 +116,49 @@ class ZooKeeperConfig:
         if not (self.protect and owners):
             return None
         return [*owners, ACL(Permissions.READ, ANYONE_ID_UNSAFE)]
+
+
+_HOST = re.compile(r"[^\s/:@?#\[\],]+\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+
+
+def _check_hosts(hosts: str) -> None:
+    """Refuse a connect string kazoo would fail on (a ``ValueError`` when the client is made)
+    or read otherwise than written (port 0 is 2181 to kazoo)."""
+    servers, slash, chroot = hosts.partition("/")
+    for entry in servers.split(","):
+        reason = _host_port_problem(entry.strip())
+        if reason is not None:
+            raise ConfigurationError(f"ZooKeeper hosts {hosts!r}: {reason}")
+    if slash and any(part in (".", "..") for part in chroot.split("/")):
+        raise ConfigurationError(
+            f"ZooKeeper hosts {hosts!r}: the chroot must not have '.' or '..' parts"
+        )
+
+
+def _host_port_problem(entry: str) -> str | None:
+    """Why ``entry`` is not ``host``, ``host:port`` or ``[v6 address]:port`` (None if it is)."""
+    if not entry:
+        return "an empty entry (hosts are separated by single commas)"
+    if entry.startswith("["):
+        address, bracket, rest = entry[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return f"{entry!r} is not [IPv6 address] or [IPv6 address]:port"
+        if not bracket or not (rest == "" or rest.startswith(":")):
+            return f"{entry!r} is not [IPv6 address] or [IPv6 address]:port"
+        colon, port = bool(rest), rest[1:]
+    else:
+        host, colon_text, port = entry.partition(":")
+        if ":" in port:
+            return f"{entry!r}: an IPv6 address is written in brackets, e.g. [::1]:2181"
+        if not _HOST.match(host.strip()):
+            return f"{entry!r} is not host or host:port"
+        colon = bool(colon_text)
+    if colon and not (_PORT.match(port) and 1 <= int(port) <= 65535):
+        return f"port must be an integer from 1 to 65535, not {port!r}"
+    return None
 
 
 def _check_sasl(options: Mapping[str, str]) -> None:
