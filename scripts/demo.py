@@ -17,9 +17,9 @@ printing once a second the calls per second and the connections they share (the 
 pipelines: the servers advertise out-of-order replies), errors by type, each instance's share
 and pool state; its status page (live instances and pools, Prometheus metrics) is served on
 127.0.0.1 while it runs, and the summary reads the metrics from it. Everything it started is
-stopped at the end, also on Ctrl-C or failure, and a summary is printed. Exits 0 when the run behaved as designed: no call of the steady callers
-failed through the kill and the freeze (only the flood may be refused), and the alerts fired
-and resolved.
+stopped at the end, also on Ctrl-C or failure, and a summary is printed. Exits 0 when the run
+behaved as designed: no call of the steady callers failed through the kill and the freeze
+(only the flood may be refused), and the alerts fired and resolved.
 """
 
 from __future__ import annotations
