@@ -5,7 +5,9 @@ Callers acquire, hold, and release (some marking their connection broken); some 
 right after being handed a connection, while holding it. Connects are slow and sometimes fail.
 After every step: in use + idle + opening never exceeds the maximum, no idle connection is
 broken or closed, no count is negative, and the sockets really open (seen from their peers'
-side, by the operating system) are exactly the pool's in use and idle connections. At the end:
+side, by the operating system) are exactly the pool's in use and idle connections, and every
+connection's explicit state agrees with where it is (idle ones on the stack, held ones in use,
+none set anywhere but in ``InstancePool._move``). The reaper runs, and peers go away. At the end:
 every slot is back, no caller ever received a connection that an earlier caller had broken, and
 no socket is open but the idle ones.
 """
@@ -25,9 +27,19 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from geventpool import events
 from geventpool.client.connection import Connection, PooledConnection
-from geventpool.client.pool import InstancePool, PoolSettings, WaitingRoom
+from geventpool.client.pool import (
+    CHECKING,
+    IDLE,
+    IN_USE,
+    LEGAL_MOVES,
+    RESERVED,
+    InstancePool,
+    PoolSettings,
+    WaitingRoom,
+)
 from geventpool.discovery.instance import Instance
 from geventpool.errors import ConnectError, PoolClosedError, PoolError, PoolExhaustedError
+from helpers import StateWatched
 
 MAX = 3
 INSTANCE = Instance(host="127.0.0.1", port=9)
@@ -49,6 +61,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.callers: list[gevent.Greenlet] = []
         self.broken: list[PooledConnection] = []  # kept alive, so no id is ever reused
         self.reused_broken: list[PooledConnection] = []
+        self.made: list[StateWatched] = []
+        StateWatched.strays.clear()
 
     def connect(self, instance: Instance, service: Any, **options: Any) -> Connection:
         gevent.sleep(self.connect_delay)
@@ -58,7 +72,8 @@ class PoolMachine(RuleBasedStateMachine):
         peer.settimeout(0.0)
         self.peers.append(peer)
         clock = options["clock"]
-        return Connection(instance, mine, None, clock=clock, expires_at=clock() + 3600)
+        self.made.append(StateWatched(instance, mine, None, clock=clock, expires_at=clock() + 3600))
+        return self.made[-1]
 
     def caller(self, hold: float, breaks: bool) -> None:
         connection = self.pool.acquire(time.monotonic() + 0.2)
@@ -103,6 +118,15 @@ class PoolMachine(RuleBasedStateMachine):
     def let_time_pass(self, seconds: float) -> None:
         gevent.sleep(seconds)
 
+    @rule(index=st.integers(0, 50))
+    def a_peer_goes_away(self, index: int) -> None:
+        if self.peers:  # the connection sees end of file: found dead at checkout or reaped
+            self.peers[index % len(self.peers)].shutdown(socket.SHUT_WR)
+
+    @rule()
+    def the_reaper_runs(self) -> None:
+        self.pool.reap()
+
     def sockets_open(self) -> int:
         """How many of the connections' sockets are open, asked of the operating system: a
         peer whose other end was closed reads end-of-file, an open one would block."""
@@ -128,6 +152,24 @@ class PoolMachine(RuleBasedStateMachine):
         assert status.in_use + status.idle + status.opening <= MAX
         for connection in pool._idle:
             assert not connection.broken and connection.fileno() >= 0
+
+    @invariant()
+    def every_connection_is_in_the_state_its_place_says(self) -> None:
+        pool = self.pool
+        assert StateWatched.strays == []
+        assert all(connection.pool_state == IDLE for connection in pool._idle)
+        for connection in pool._open_connections:
+            assert connection.pool_state in (IDLE, IN_USE)  # (checking, reserved: only within
+            # a ping or the reaper's log line, and there is neither here)
+            assert (connection.pool_state == IN_USE) == (connection.holders > 0)
+        states = pool.connection_states()
+        assert states[IDLE] == sum(c.pool_state == IDLE for c in pool._open_connections)
+        assert (states[CHECKING], states[RESERVED]) == (0, 0)
+        assert sum(states.values()) + pool.status().opening <= MAX
+        for connection in self.made:
+            history = connection.history
+            assert all(move in LEGAL_MOVES for move in zip([None, *history], history, strict=False))
+            assert (connection.pool_state == "closed") == (connection not in pool._open_connections)
 
     def teardown(self) -> None:
         gevent.joinall(self.callers, timeout=5)

@@ -87,6 +87,7 @@ class PooledConnection(Protocol):
     instance: Instance
     broken: bool
     holders: int  # callers holding it: counted by the pool only
+    pool_state: str | None  # its state in its pool (None until adopted): moved by the pool only
     last_used: float
     expires_at: float
 
@@ -130,6 +131,7 @@ class Connection:
         "holders",
         "instance",
         "last_used",
+        "pool_state",
     )
 
     def __init__(
@@ -163,6 +165,7 @@ class Connection:
         self.expires_at = expires_at
         self.broken = False
         self.holders = 0  # callers holding it (0 or 1): counted by the pool only
+        self.pool_state: str | None = None  # see InstancePool._move: set by the pool only
 
     def call(
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: float

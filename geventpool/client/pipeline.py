@@ -134,6 +134,7 @@ class PipelinedConnection:
         self.expires_at = expires_at
         self.broken = False
         self.holders = 0  # callers holding it: counted by the pool only
+        self.pool_state: str | None = None  # see InstancePool._move: set by the pool only
         self._writer = gevent.spawn(self._write_loop)
         self._reader = gevent.spawn(self._read_loop)
 

@@ -2,8 +2,16 @@
 
 :class:`InstancePool` promises:
 
-* **The cap always holds.** ``in_use + idle + opening <= max_connections``: a slot is taken
-  *before* a connect yields, so concurrent callers can never open more than the maximum.
+* **The cap always holds.** Every connection not closed (whatever its state, below) plus the
+  connects under way is at most ``max_connections``: a slot is taken *before* a connect yields,
+  so concurrent callers can never open more than the maximum.
+* **Every connection has one explicit state, owned by the pool** (HikariCP's, plus checking):
+  ``idle`` (on the idle stack, or being handed out without a yield), ``in use`` (held by at
+  least one caller: pipelined, from its first hold to its last release), ``checking`` (taken
+  off the stack for ``pre_ping``), ``reserved`` (taken off the stack to be closed: by the
+  reaper, an ejection, retirement, or found dead) and ``closed``. Every change goes through
+  :meth:`InstancePool._move`, which refuses a move not in :data:`LEGAL_MOVES` with
+  :class:`~geventpool.errors.PoolError` naming both states (a bug, or a double release).
 * **First come, first served, across the service.** When nothing is free, callers queue in
   one :class:`WaitingRoom` shared by every pool of the service; a released connection (or
   its room, pipelined) is handed straight to the oldest waiter, whichever pool it queued at
@@ -14,13 +22,14 @@
 * **Bounded waits.** A wait ends by ``pool_timeout`` (or the call's deadline) with
   :class:`~geventpool.errors.PoolExhaustedError` stating the numbers.
 * **Nothing leaks.** A caller killed at any point (``gevent.Timeout``, ``GreenletExit``)
-  gives back whatever it held or was being handed; a double release raises (for a pipelined
+  gives back whatever it held or was being handed; a release of a connection not ``in use``
+  in this pool (another pool's, never handed out, released twice) raises (for a pipelined
   connection, a release beyond its holders: a hold is counted, not tied to its caller, so
   :class:`~geventpool.client.service.ServiceClient` releases each hold exactly once).
 * **No dying connection is handed out.** An idle connection is checked at checkout (broken,
   past its lifetime, closed by the peer, or failing the optional ``pre_ping``) and the reaper
-  takes idle connections out of the stack before closing them. Broken connections are closed
-  at check-in, never reused.
+  takes idle connections out of the stack (``reserved``) before closing them or logging.
+  Broken connections are closed at check-in, never reused.
 * **Local ejection.** ``eject_after`` consecutive failures take the instance out of
   rotation for a back-off that doubles on each ejection in a row (``eject_backoff`` up to
   ``max_eject_backoff`` seconds); then it takes one probing call at a time, and the first
@@ -62,6 +71,33 @@ from geventpool.validation import check_seconds
 from geventpool.wire.limits import DEFAULT_LIMITS, WireLimits
 
 ACTIVE, RETIRED, CLOSED = "active", "retired", "closed"
+# The states of a pooled connection (see the module); CLOSED serves pools and connections alike.
+IDLE, IN_USE, CHECKING, RESERVED = "idle", "in use", "checking", "reserved"
+# from -> {to: whether the move changes a count InstancePool._move keeps}; idle <-> in use, the
+# call path's moves, change none (in use is counted as what is left: see _connections_held)
+_MOVES: dict[str | None, dict[str, bool]] = {
+    None: {IDLE: True},  # opened: adopted by the pool (then handed to its opener, or idle)
+    IDLE: {
+        IN_USE: False,  # handed out (checkout, hand-over to a waiter, to its opener)
+        CHECKING: True,  # taken off the stack for pre_ping
+        RESERVED: True,  # taken off the stack to be closed (reaper, ejection, shut, dead)
+    },
+    CHECKING: {
+        IN_USE: True,  # answered the ping
+        CLOSED: True,  # no answer, its caller was cancelled, or the pool shut meanwhile
+    },
+    IN_USE: {
+        IDLE: False,  # its last holder released it, healthy: to a waiter, or the stack
+        CLOSED: True,  # its last holder released it broken or expired, or the pool is shut
+    },
+    RESERVED: {CLOSED: True},
+    CLOSED: {},
+}
+LEGAL_MOVES: frozenset[tuple[str | None, str]] = frozenset(
+    (was, to) for was, moves in _MOVES.items() for to in moves
+)
+"""Every legal ``(from, to)`` of :meth:`InstancePool._move` (``None``: not yet adopted). An
+idle connection is never closed straight away: it is reserved first, off the stack."""
 PIPELINED_INFLIGHT = 32
 """``max_inflight`` by default with an instance that advertises out-of-order replies."""
 _OPEN_SLOT = object()  # handed to a waiter: a slot is reserved for you, open a connection
@@ -321,12 +357,14 @@ class InstancePool:
         self._max_inflight = settings.inflight_for(instance)
         self._idle: list[PooledConnection] = []  # a stack: the most recently used on top
         self._shared: list[PooledConnection] = []  # held, with room for more calls (pipelined)
-        self._open_connections: set[PooledConnection] = set()  # idle and held
-        self._held = 0  # connections held by at least one caller
+        # every connection in a state but closed: kept by _move, which is also the only one to
+        # change _checking and _reserved (in use: what is left, see _connections_held)
+        self._open_connections: set[PooledConnection] = set()
         self._room = room if room is not None else WaitingRoom()  # shared by the service
         self._waiting = 0  # callers that queued at this pool, waiting now
         self._in_use = 0  # calls holding a connection (with max_inflight 1: connections held)
-        self._checking = 0  # taken off the idle stack for a pre_ping, not yet handed out
+        self._checking = 0  # connections CHECKING: off the idle stack for a pre_ping
+        self._reserved = 0  # connections RESERVED: off the idle stack, about to be closed
         self._opening = 0  # slots reserved by callers whose connect is under way
         self.state = ACTIVE
         self.failures = 0
@@ -385,8 +423,7 @@ class InstancePool:
         return self._room.count == 0 and (
             bool(self._idle)
             or bool(self._shared)
-            or self._held + self._checking + len(self._idle) + self._opening
-            < self._settings.max_connections
+            or len(self._open_connections) + self._opening < self._settings.max_connections
         )
 
     def acquire(self, deadline: float) -> PooledConnection:
@@ -410,17 +447,22 @@ class InstancePool:
             now = self._clock()
             while self._idle:
                 connection = self._idle.pop()
-                if connection.usable(now) and self._ping(connection, deadline):
+                if not connection.usable(now):
+                    self._close_idle(connection)
+                elif self._ping(connection, deadline):
                     if self.state is ACTIVE:
                         return self, self._take(connection)
-                    self._discard(connection)  # retired, closed or ejected during the ping
+                    self._discard(connection)  # retired or closed during the ping
                     raise PoolClosedError(f"pool of {self.name} is {self.state}")
-                self._discard(connection)
+                else:
+                    self._discard(connection)  # no answer to the ping
             if self._shared:
                 least = self._least_loaded(now)
                 if least is not None:
                     return self, self._take(least)
-            if self._held + self._checking + self._opening < self._settings.max_connections:
+            # the idle stack is empty: every connection not closed is in use, checking or
+            # reserved
+            if len(self._open_connections) + self._opening < self._settings.max_connections:
                 self._opening += 1  # reserve the slot before the connect yields
                 return self, self._opened(self._open(deadline))
         return self._wait(deadline)
@@ -479,7 +521,7 @@ class InstancePool:
         """Count ``connection`` as held by (one more) caller it is handed to."""
         holders = connection.holders
         if holders == 0:
-            self._held += 1
+            self._move(connection, IN_USE)
         connection.holders = holders = holders + 1
         self._in_use += 1
         self.checkouts += 1
@@ -494,17 +536,12 @@ class InstancePool:
         """Check a caller's hold on ``connection`` back in: to the oldest waiter, to the idle
         stack (or, pipelined, to the connections with room), or closed (broken, past its
         lifetime, or the pool is not active) once nobody holds it. Raises PoolError, changing
-        nothing, for a connection this pool did not hand out or that was released already
-        (pipelined: by more callers than held it)."""
-        if connection.holders <= 0 or connection not in self._open_connections:
-            raise PoolError(
-                f"release of a connection to {self.name} that is not checked out from this"
-                " pool (released twice?)"
-            )
+        nothing, for a connection not ``in use`` in this pool: one this pool did not hand out,
+        or that was released already (pipelined: by more callers than held it)."""
+        if connection.pool_state is not IN_USE or connection not in self._open_connections:
+            raise self._not_ours(connection)
         connection.holders = holders = connection.holders - 1
         self._in_use -= 1
-        if holders == 0:
-            self._held -= 1
         # last_used was stamped when its call ended: no second clock read on the hot path
         if (
             connection.broken
@@ -525,7 +562,66 @@ class InstancePool:
                     self._share_room(connection)
                 return
             self._shared.remove(connection)  # nobody holds it: handed on, or idle, below
+        self._move(connection, IDLE)
         self._deliver(connection)
+
+    def _not_ours(self, connection: PooledConnection) -> PoolError:
+        """The error for a release of ``connection``, which is not in use in this pool."""
+        state = connection.pool_state
+        if state is None:
+            where = "no pool ever adopted it"
+        elif state is CLOSED:
+            where = "it is closed"
+        elif connection in self._open_connections:
+            where = f"it is {state} here, not {IN_USE}"
+        else:
+            where = f"it is {state} in another pool"
+        return PoolError(
+            f"release of a connection to {self.name} that is not checked out from this pool"
+            f" (released twice?): {where}"
+        )
+
+    def _move(self, connection: PooledConnection, to: str) -> None:
+        """The one place a connection changes state (see the module): the move must be in
+        :data:`LEGAL_MOVES`, or PoolError (changing nothing) names both states. It keeps the
+        count of every state but idle (the stack's length) and the set of open connections."""
+        was = connection.pool_state
+        try:
+            counted = _MOVES[was][to]
+        except KeyError:
+            raise PoolError(
+                f"illegal move of a connection to {self.name} from {was or 'not adopted'} to"
+                f" {to} (a bug, or a release of a connection already released)"
+            ) from None
+        connection.pool_state = to
+        if counted:  # not idle <-> in use, the call path's moves
+            if was is CHECKING:
+                self._checking -= 1
+            elif was is RESERVED:
+                self._reserved -= 1
+            elif was is None:
+                self._open_connections.add(connection)
+            if to is CHECKING:
+                self._checking += 1
+            elif to is RESERVED:
+                self._reserved += 1
+            elif to is CLOSED:
+                self._open_connections.discard(connection)
+
+    def _connections_held(self) -> int:
+        """Connections in use: every open one neither idle (on the stack: an idle one is off
+        it only within a step that does not yield), checking nor reserved."""
+        return len(self._open_connections) - len(self._idle) - self._checking - self._reserved
+
+    def connection_states(self) -> dict[str, int]:
+        """How many of this pool's connections are in each state but closed (for tests and
+        operators: counted here, not on the call path)."""
+        return {
+            IDLE: len(self._idle),
+            IN_USE: self._connections_held(),
+            CHECKING: self._checking,
+            RESERVED: self._reserved,
+        }
 
     def _opened(self, connection: PooledConnection) -> PooledConnection:
         """Take a new connection for its opener; pipelined, its room goes to the waiters that
@@ -561,8 +657,8 @@ class InstancePool:
         return not any(p is not self and p.available(now) for p in self._guard.pools)
 
     def _deliver(self, connection: PooledConnection) -> None:
-        """A connection nobody holds: to the oldest waiters (pipelined: as many as it has
-        room for), or onto the idle stack."""
+        """An idle connection off the stack (released, or just opened): to the oldest waiters
+        (pipelined: as many as it has room for), or onto the idle stack."""
         if self._room.count:
             self._share_room(connection)
         if connection.holders == 0:
@@ -572,10 +668,7 @@ class InstancePool:
         """Give a free slot to the oldest waiter, which will open a connection with it."""
         if self.state is not ACTIVE or not self._room.count or not self._serves():
             return
-        if (
-            self._held + self._checking + len(self._idle) + self._opening
-            < self._settings.max_connections
-        ):
+        if len(self._open_connections) + self._opening < self._settings.max_connections:
             waiter = self._room.next()
             if waiter is not None:
                 self._opening += 1
@@ -592,7 +685,7 @@ class InstancePool:
         while room.count and self._idle:
             connection = self._idle.pop()
             if not connection.usable(now):
-                self._discard(connection)
+                self._close_idle(connection)
                 continue
             self._share_room(connection)
             if connection.holders == 0:
@@ -641,9 +734,9 @@ class InstancePool:
             raise
         self._opening -= 1
         self.opened += 1
-        self._open_connections.add(connection)
+        self._move(connection, IDLE)  # adopted: for its opener, or the idle stack
         if self.state is not ACTIVE:  # retired while we were connecting
-            self._discard(connection)
+            self._close_idle(connection)
             raise PoolClosedError(f"pool of {self.name} is {self.state}")
         return connection
 
@@ -727,7 +820,7 @@ class InstancePool:
         if method is None:
             return True
         ping_deadline = min(deadline, self._clock() + self._settings.connect_timeout)
-        self._checking += 1
+        self._move(connection, CHECKING)
         try:
             connection.call(method, (), {}, ping_deadline)
             answered = True
@@ -736,17 +829,31 @@ class InstancePool:
         except Exception:  # noqa: BLE001 - a declared exception is still an answer
             answered = not connection.broken
         except BaseException:  # the caller was cancelled mid-ping: its slot goes on
-            self._checking -= 1
             self._discard(connection)
             self._grant_slot()
             raise
-        self._checking -= 1
-        return answered
+        return answered  # still CHECKING: handed out, or closed, by the caller
 
     def _discard(self, connection: PooledConnection) -> None:
+        """Close ``connection`` (in use, checking or reserved: an idle one is reserved first,
+        off the stack)."""
+        self._move(connection, CLOSED)
         connection.close()
-        self._open_connections.discard(connection)
         self.closed += 1
+
+    def _close_idle(self, connection: PooledConnection) -> None:
+        """Close an idle connection already taken off the stack."""
+        self._move(connection, RESERVED)
+        self._discard(connection)
+
+    def _reserve_idle(self) -> list[PooledConnection]:
+        """Take every connection off the idle stack, reserved to be closed (before anything
+        can yield: nobody can be handed one of them)."""
+        doomed = self._idle[:]
+        self._idle.clear()
+        for connection in doomed:
+            self._move(connection, RESERVED)
+        return doomed
 
     # -- health --------------------------------------------------------------------------------
 
@@ -766,7 +873,10 @@ class InstancePool:
     def _on_probation(self, now: float) -> bool:
         """Whether an ejected instance may take its one probing call now."""
         assert self._ejected_until is not None
-        return now >= self._ejected_until and self._held + self._checking + self._opening == 0
+        return (
+            now >= self._ejected_until
+            and self._connections_held() + self._checking + self._opening == 0
+        )
 
     def _low_rate(self) -> bool:
         """Whether the calls of the current window succeeded less often than
@@ -837,9 +947,8 @@ class InstancePool:
         self._ejected_until = now + backoff
         self.ejections += 1
         self._window_start, self._window_ok, self._window_failed = now, 0, 0
-        for connection in self._idle:  # they are likely dead too
+        for connection in self._reserve_idle():  # they are likely dead too
             self._discard(connection)
-        self._idle.clear()
         self._wake_mine(_EJECTED)  # those that queued here: choose again (go elsewhere)
         events.emit(
             events.INSTANCE_EJECTED,
@@ -866,7 +975,7 @@ class InstancePool:
     def reap(self) -> None:
         """Close idle connections that are dead, past their lifetime, or idle for longer than
         ``idle_timeout`` while more than ``min_idle`` are idle. Each is taken off the stack
-        before it is closed, so no borrower can receive it."""
+        (reserved) before any is closed or logged, so no borrower can receive it."""
         now = self._clock()
         idle_timeout = self._settings.idle_timeout
         keep: list[PooledConnection] = []
@@ -880,6 +989,8 @@ class InstancePool:
             else:
                 keep.append(connection)
         self._idle[:] = keep  # before anything can yield (a log pipeline may)
+        for connection in doomed:
+            self._move(connection, RESERVED)
         if self._max_inflight > 1:  # held pipelined connections whose late replies never came
             for connection in list(self._open_connections):
                 if connection.holders and not connection.broken and connection.overdue(now):
@@ -887,6 +998,7 @@ class InstancePool:
         for connection in doomed:
             self.reaped += 1
             self._discard(connection)
+            self._grant_slot()  # reserved, it counted: a waiter may have queued meanwhile
             events.emit(
                 events.CONNECTION_REAPED,
                 "debug",
@@ -902,8 +1014,7 @@ class InstancePool:
             self.state is ACTIVE
             and self.available(self._clock())
             and len(self._idle) + self._opening < settings.min_idle
-            and self._held + self._checking + len(self._idle) + self._opening
-            < settings.max_connections
+            and len(self._open_connections) + self._opening < settings.max_connections
         ):
             self._opening += 1
             try:
@@ -921,9 +1032,8 @@ class InstancePool:
             self._ejected_until = None
             self._ejections_in_row = 0
             self._guard.count(self._ejected_refused, -1)
-        for connection in self._idle:
+        for connection in self._reserve_idle():
             self._discard(connection)
-        self._idle.clear()
         self._wake_mine(_SHUT)
 
     def _wake_mine(self, reason: object) -> None:
@@ -942,10 +1052,13 @@ class InstancePool:
         """After a fork, in the child: stop serving and drop every connection (their
         descriptors were killed in the fork; closing them touches nothing of the parent's)."""
         self.state = CLOSED
-        for connection in self._open_connections:
+        for connection in self._reserve_idle():  # (not counted as closed: the parent's)
+            self._move(connection, CLOSED)
             connection.close()
-        self._open_connections.clear()
-        self._idle.clear()
+        for connection in list(self._open_connections):
+            if connection.pool_state is IN_USE:  # a checking or reserved one is moved on by
+                self._move(connection, CLOSED)  # its pinger or the reaper, still under way
+            connection.close()
         self._room.queue.clear()
 
     def status(self) -> InstanceStatus:
@@ -971,7 +1084,7 @@ class InstancePool:
             ejected=ejected,
             ejections=self.ejections,
             last_error=self.last_error,
-            held=self._held,
+            held=self._connections_held(),
             max_inflight=self._max_inflight,
             inflight=tuple(sorted((c.holders for c in self._open_connections), reverse=True)),
         )
