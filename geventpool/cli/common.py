@@ -54,7 +54,7 @@ class UsageError(GeventPoolError):
     """What was typed cannot be run (exit code 2); nothing was sent anywhere."""
 
 
-class Interrupted(GeventPoolError):
+class CommandInterruptedError(GeventPoolError):
     """A command was told to stop (a signal) before ZooKeeper answered."""
 
 
@@ -135,7 +135,7 @@ def zookeeper(
     """A connected kazoo client for the registry options, stopped and closed at the end.
 
     Raises :class:`~geventpool.errors.ZooKeeperUnavailableError` (exit code 1) when
-    ZooKeeper does not answer within ``--timeout``, :class:`Interrupted` as soon as
+    ZooKeeper does not answer within ``--timeout``, :class:`CommandInterruptedError` as soon as
     ``interrupted`` is set while it has not yet.
     """
     client = connect_within(zookeeper_config(args), interrupted)
@@ -168,7 +168,7 @@ def connect_within(
         raise
     if interrupted is not None and interrupted.is_set():
         _stop_in_background(client)
-        raise Interrupted("interrupted while connecting to ZooKeeper")
+        raise CommandInterruptedError("interrupted while connecting to ZooKeeper")
     if not client.connected:
         _stop_in_background(client)
         raise ZooKeeperUnavailableError(config.hosts, config.connect_timeout)

@@ -29,7 +29,7 @@ import gevent.event
 from geventpool import events
 from geventpool.cli.common import (
     OK,
-    Interrupted,
+    CommandInterruptedError,
     add_registry_options,
     instance_record,
     on_signals,
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                     remove()
             finally:
                 membership.stop()
-    except Interrupted:
+    except CommandInterruptedError:
         pass  # signalled before ZooKeeper answered: ended as by a signal later on
     return OK
 
