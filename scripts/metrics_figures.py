@@ -27,7 +27,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -39,6 +38,7 @@ from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
 import structlog  # noqa: E402
+from benchmark import fake_connections  # noqa: E402 - beside this script
 from prometheus_client import CollectorRegistry  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
@@ -73,17 +73,6 @@ class Nothing:
     call_ended = attempt_ended
 
 
-_PEERS: list[socket.socket] = []
-
-
-def _connect(instance: Instance, service: Any, **options: Any) -> Connection:
-    """A connection on a socket pair: nothing is ever sent on it."""
-    mine, peer = socket.socketpair()
-    _PEERS.append(peer)
-    clock = options["clock"]
-    return Connection(instance, mine, None, clock=clock, expires_at=clock() + 3600)
-
-
 def _answered(
     connection: Any, method: str, args: Any, kwargs: Any, deadline: float, *, started: Any = None
 ) -> Any:
@@ -91,8 +80,11 @@ def _answered(
     return args[0]
 
 
-def client_variant(observers: list[Any]) -> Callable[[int], float]:
-    """A client whose every pool answers at once: ``run(n)`` makes n calls, returns seconds."""
+def client_variant(
+    observers: list[Any], connect: Callable[..., Connection]
+) -> Callable[[int], float]:
+    """A client whose every pool answers at once (on connections from ``connect``):
+    ``run(n)`` makes n calls and returns the seconds they took."""
     client = ServiceClient(
         echo_thrift.Echo,
         "bench",
@@ -103,7 +95,7 @@ def client_variant(observers: list[Any]) -> Callable[[int], float]:
     client.start()
     for pool in client._pools.values():  # noqa: SLF001 - a benchmark reaches in on purpose
         pool.call = _answered  # type: ignore[method-assign]
-        pool._connect = _connect  # noqa: SLF001
+        pool._connect = connect  # noqa: SLF001
     echo = client.echo
 
     def run(calls: int) -> float:
@@ -158,15 +150,16 @@ def interleaved(
 
 def costs(quick: bool) -> dict[str, dict[str, dict[str, float]]]:
     calls, rounds = (20_000, 5) if quick else (100_000, 15)
-    client = interleaved(
-        {
-            "no observer": client_variant([]),
-            "a no-op observer": client_variant([Nothing()]),
-            "ClientMetrics": client_variant([ClientMetrics(CollectorRegistry())]),
-        },
-        calls,
-        rounds,
-    )
+    with fake_connections() as connect:  # the benchmark's: socket pairs, never written
+        client = interleaved(
+            {
+                "no observer": client_variant([], connect),
+                "a no-op observer": client_variant([Nothing()], connect),
+                "ClientMetrics": client_variant([ClientMetrics(CollectorRegistry())], connect),
+            },
+            calls,
+            rounds,
+        )
     server = interleaved(
         {
             "no observer": server_variant([]),
