@@ -5,6 +5,14 @@ use ``SequentialGeventHandler`` (watch callbacks run one at a time on one greenl
 must never block), retry with ``gevent.sleep``, and back off to at most ``max_retry_delay``
 seconds between reconnect attempts (kazoo's default is an hour).
 
+**A reconnect attempt takes at most a third of the session** (:data:`ATTEMPT_SHARE`). kazoo
+gives the TCP connect the whole session timeout, and ZooKeeper's answer to the connect request
+the session timeout divided by the number of hosts: with one host, one connection that
+ZooKeeper accepts and never answers (it does so while starting up, and a frozen server does)
+outlasts the session, which the server then expires, deleting every ephemeral node it held:
+a ZooKeeper restart could empty a service's view. With a third, two more attempts fit within
+the session.
+
 Security (docs/security.md): ``auth`` credentials are sent on every (re)connect; with a
 ``digest`` credential the nodes this client creates are protected (every right for that
 identity, reading for anyone) unless ``protect`` is False or ``acl`` says otherwise; ``tls``
@@ -28,6 +36,8 @@ from gevent import monkey
 from kazoo.client import KazooClient, KazooState
 from kazoo.handlers.gevent import SequentialGeventHandler
 from kazoo.hosts import collect_hosts
+from kazoo.protocol.connection import ConnectionHandler
+from kazoo.protocol.serialization import Connect
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL, ANYONE_ID_UNSAFE, Id, Permissions, make_digest_acl
@@ -172,7 +182,44 @@ def _check_sasl(options: Mapping[str, str]) -> None:
         ) from None
 
 
-class TlsGeventHandler(SequentialGeventHandler):  # type: ignore[misc]  # kazoo is untyped
+ATTEMPT_SHARE = 3
+"""A reconnect attempt's TCP connect, and its wait for ZooKeeper's answer to the connect
+request, each take at most the session timeout divided by this."""
+
+
+class GeventHandler(SequentialGeventHandler):  # type: ignore[misc]  # kazoo is untyped
+    """kazoo's gevent handler, whose TCP connects take at most a third of the session (kazoo
+    passes the whole session timeout)."""
+
+    def create_connection(
+        self,
+        address: tuple[str, int],
+        hostname: str | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> Any:
+        """A TCP connection to ``address`` within a third of ``timeout`` (the session's)."""
+        return super().create_connection(
+            address=address, hostname=hostname, timeout=_attempt_timeout(timeout), **options
+        )
+
+
+def _attempt_timeout(session_timeout: float | None) -> float:
+    return (10.0 if session_timeout is None else session_timeout) / ATTEMPT_SHARE
+
+
+class _ConnectionHandler(ConnectionHandler):  # type: ignore[misc]  # kazoo is untyped
+    """kazoo's connection loop, waiting for ZooKeeper's answer to a connect request at most a
+    third of the session (kazoo waits the session divided by the number of hosts)."""
+
+    def _invoke(self, timeout: float, request: Any, xid: int | None = None) -> Any:
+        if isinstance(request, Connect):
+            session = self.client._session_timeout / 1000.0  # noqa: SLF001 - kazoo's, in ms
+            timeout = min(timeout, _attempt_timeout(session))
+        return super()._invoke(timeout, request, xid)
+
+
+class TlsGeventHandler(GeventHandler):
     """kazoo's gevent handler whose connections speak TLS by gevent's own TLS, so that the
     handshake and every read and write yield to the hub with or without monkey-patching. A
     failed handshake is an ``OSError`` to kazoo (which retries, backing off) and a
@@ -189,9 +236,10 @@ class TlsGeventHandler(SequentialGeventHandler):  # type: ignore[misc]  # kazoo 
         timeout: float | None = None,
         **_kazoo_tls: Any,
     ) -> Any:
-        """A TLS connection to ``address`` within ``timeout`` (the TCP connect and the
-        handshake together); kazoo's own TLS options are ignored: ``tls`` decides."""
-        timeout = 10.0 if timeout is None else timeout
+        """A TLS connection to ``address`` within a third of ``timeout`` (the session's: the
+        TCP connect and the handshake together); kazoo's own TLS options are ignored: ``tls``
+        decides."""
+        timeout = _attempt_timeout(timeout)
         sock = gevent.socket.create_connection(address, timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = f"{address[0]}:{address[1]}"
@@ -218,7 +266,7 @@ def make_client(
     if isinstance(config, str):
         config = ZooKeeperConfig(config)
     _check_resolution(config.hosts)
-    handler = SequentialGeventHandler() if config.tls is None else TlsGeventHandler(config.tls)
+    handler = GeventHandler() if config.tls is None else TlsGeventHandler(config.tls)
     retry = {
         "max_tries": -1,
         "delay": 0.1,
@@ -227,7 +275,7 @@ def make_client(
         "max_delay": config.max_retry_delay,
         "sleep_func": gevent.sleep,
     }
-    return KazooClient(
+    client = KazooClient(
         hosts=config.hosts,
         timeout=config.session_timeout,
         handler=handler,
@@ -238,6 +286,9 @@ def make_client(
         sasl_options=None if config.sasl is None else dict(config.sasl),  # kazoo adds to it
         client_id=client_id,
     )
+    # kazoo has no hook for its connection loop: the same object, with bounded attempts.
+    client._connection.__class__ = _ConnectionHandler  # noqa: SLF001
+    return client
 
 
 def _check_resolution(hosts: str) -> None:

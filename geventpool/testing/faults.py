@@ -6,7 +6,9 @@
 * :class:`TcpProxy` sits between a client and a server on 127.0.0.1; :meth:`TcpProxy.drop`
   closes every connection through it (the client sees a lost connection, SUSPENDED, and
   reconnects), :meth:`TcpProxy.blackhole` keeps new and existing connections open but silent,
-  :meth:`TcpProxy.trickle` forwards one byte at a time with a pause between bytes.
+  :meth:`TcpProxy.trickle` forwards one byte at a time with a pause between bytes, and
+  :meth:`TcpProxy.swallow` accepts the next connections and reads them without ever answering
+  (as a ZooKeeper that is starting up may do with a reconnect).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class TcpProxy:
         self._sockets: set[socket.socket] = set()
         self._silent = False
         self._byte_pause = 0.0
+        self._swallow = 0
         self._server = StreamServer(("127.0.0.1", 0), self._handle)
         self.accepted = 0  # connections accepted since start
 
@@ -74,15 +77,32 @@ class TcpProxy:
         """Forward again (connections that were silent are dropped, as a network would)."""
         self._silent = False
         self._byte_pause = 0.0
+        self._swallow = 0
         self.drop()
 
     def trickle(self, pause: float) -> None:
         """From now on forward one byte every ``pause`` seconds (a slow or hostile peer)."""
         self._byte_pause = pause
 
+    def swallow(self, count: int = 1) -> None:
+        """Accept the next ``count`` connections and read what they send, never forwarding
+        or answering anything, until the client gives up (or :meth:`drop`)."""
+        self._swallow = count
+
     def _handle(self, downstream: socket.socket, _address: object) -> None:
         # gevent closes ``downstream`` when this returns: pump until either side ends.
         self.accepted += 1
+        if self._swallow > 0:
+            self._swallow -= 1
+            self._sockets.add(downstream)
+            try:
+                while downstream.recv(65536):
+                    pass
+            except OSError:
+                pass
+            finally:
+                self._sockets.discard(downstream)
+            return
         try:
             upstream = socket.create_connection(self._target, timeout=5)
         except OSError:
